@@ -1,0 +1,228 @@
+"""The recipe: one schema, declared once, loaded from YAML with `a.b=value` overrides.
+
+Every key has a default except `model.path` and `data.path`. An unknown key is an error that names it and
+suggests the closest valid key; a value of the wrong type names the key and the type it expects.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from finetune.errors import UserError
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo such as `train.stpes` must fail loudly, never be ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    family: str | None = None  # wan, ...; inferred from model_index.json when omitted
+    path: str  # hub id, local diffusers folder, or a single .safetensors transformer file
+    base: str | None = None  # hub id / folder for the VAE, text encoder and config when `path` is a file
+
+
+class DataConfig(_Section):
+    path: str  # folder of clips and images with same-stem .txt captions (searched recursively)
+    width: int = Field(832, gt=0)
+    height: int = Field(480, gt=0)
+    frames: int = Field(81, gt=0)  # rounded down to the family's rule (Wan: 4k+1)
+    trigger: str = ""  # prepended to every caption: the word that calls up the style
+    strict: bool = False  # a broken clip or missing caption stops the run instead of being skipped
+
+
+class CacheConfig(_Section):
+    dir: str = "./cache"
+    max_sequence_length: int = Field(512, gt=0)  # text tokens kept per caption (Wan was trained on 512)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(32, gt=0)
+    alpha: float = Field(32, gt=0)  # scale = alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: str | list[str] = "blocks"  # a preset of the family (blocks, attention, ffn) or module names
+
+
+class TrainConfig(_Section):
+    steps: int = Field(2000, gt=0)
+    lr: float = Field(1.0e-4, gt=0)
+    batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw8bit"
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 turns clipping off
+    gradient_checkpointing: bool = True
+    timestep_sampling: Literal["shift", "uniform", "logit_normal"] = "shift"
+    flow_shift: float | None = Field(None, gt=0)  # None: the family's default (Wan: 3.0)
+    seed: int = 42
+    num_workers: int = Field(0, ge=0)
+
+
+class MemoryConfig(_Section):
+    # bf16: weights and compute in bf16. fp8: weights stored as float8 e4m3 (half of bf16), each layer upcast
+    # to bf16 just before it runs. fp32: full precision (the CPU always trains in fp32).
+    base_dtype: Literal["bf16", "fp8", "fp32"] = "bf16"
+
+
+class OutputConfig(_Section):
+    dir: str = "./adapters/my-style"
+    save_every: int = Field(250, ge=0)  # 0: only the final adapter
+
+
+class Recipe(_Section):
+    model: ModelConfig
+    data: DataConfig
+    cache: CacheConfig = CacheConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    memory: MemoryConfig = MemoryConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        """A short hash of the resolved recipe, written into the adapter's metadata."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.append(prefix + name)
+            keys += _all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+VALID_KEYS = _all_keys(Recipe)
+_REQUIRED_IN = {"model": "model.path", "data": "data.path"}
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.6)
+    if not close:  # a misspelt leaf under a right section: compare the last part only
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in VALID_KEYS}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_TYPE_WORDS = {
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "int_type": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "model_type": "a mapping of keys",
+    "dict_type": "a mapping of keys",
+    "list_type": "a list",
+}
+
+
+def _explain(err: dict[str, Any], source: str) -> str:
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    # Union types add the member type's name to the location (e.g. targets.str): drop it.
+    while loc and loc[-1] in {"str", "list[str]", "int", "float", "function-after[...]"}:
+        loc.pop()
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{key}'{_suggest(key)}"
+    if kind == "missing":
+        if key in _REQUIRED_IN:  # a whole section missing: name the key inside it that has no default
+            key = _REQUIRED_IN[key]
+        return f"{source}: '{key}' is required (set it in the recipe or pass {key}=VALUE)"
+    value = err.get("input")
+    if kind == "literal_error":
+        return f"{source}: {key} = {value!r}: {err['msg'].replace('Input should be', 'expected')}"
+    expected = _TYPE_WORDS.get(kind, err["msg"].lower())
+    return f"{source}: {key} = {value!r}: expected {expected}"
+
+
+def _merge_union_lines(lines: list[str]) -> list[str]:
+    """A value that fits no member of a union gives one line per member: fold them into one line."""
+    merged: dict[str, str] = {}
+    for line in lines:
+        head, sep, tail = line.rpartition(": expected ")
+        if sep and head in merged:
+            merged[head] += f" or {tail}"
+        else:
+            merged[head if sep else line] = line if not sep else line
+    return list(merged.values())
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{source}: cannot set '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.steps=10` -> ("train.steps", 10). Values are parsed as YAML, so `true`, `1e-4`, `[a, b]` work."""
+    if "=" not in text:
+        raise UserError(f"override '{text}': expected KEY=VALUE, e.g. train.steps=500")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in VALID_KEYS:
+        raise UserError(f"override '{text}': unknown key '{key}'{_suggest(key)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_recipe(tree: dict[str, Any], overrides: list[str] = (), source: str = "recipe") -> Recipe:
+    tree = json.loads(json.dumps(tree))  # a private deep copy
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"override '{text}'")
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        lines = [_explain(e, source) for e in exc.errors()]
+        raise UserError("\n".join(_merge_union_lines(lines))) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe not found (pass the path of a recipe .yaml, e.g. recipes/wan/...)")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model:, data:, ...)")
+    return build_recipe(tree, overrides, source=str(path))
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
+    from finetune.io import atomic_write_text
+
+    atomic_write_text(Path(path), recipe.to_yaml())

@@ -1,0 +1,154 @@
+"""Model families: each is data (facts) plus a few functions, registered by name.
+
+Adding a model is one file that builds a `Family`, one line in `REGISTRY`, one recipe and one tiny test config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.config import ModelConfig
+from finetune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights are. `transformer` is a folder/hub id with a transformer/ subfolder, or one file."""
+
+    transformer: str
+    transformer_is_file: bool
+    base: str  # folder or hub id holding model_index.json, vae/, text_encoder/, tokenizer/, scheduler/
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    pipeline_classes: tuple[str, ...]  # model_index.json `_class_name` values that mean this family
+    lora_presets: dict[str, tuple[str, ...]]  # preset name -> module names inside each block
+    blocks_attr: str  # the transformer attribute that holds its blocks (checkpointing, block swap)
+    vae_stride: tuple[int, int]  # VAE compression (time, space)
+    patch: tuple[int, int, int]  # transformer patch (time, height, width)
+    frame_step: int  # valid frame counts are frame_step * k + 1
+    flow_shift: float  # default sigma shift for training and sampling
+    load_transformer: Callable[[Source, torch.dtype], torch.nn.Module]
+    load_encoders: Callable[[Source, torch.device, torch.dtype], Any]
+    encode_prompts: Callable[[Any, list[str], int], list[torch.Tensor]]
+    encode_video: Callable[[Any, torch.Tensor], torch.Tensor]
+    predict: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    load_pipeline: Callable[[Source, torch.dtype], Any]
+
+    def valid_frames(self, frames: int) -> int:
+        """The largest valid frame count not above `frames` (an image is 1 frame)."""
+        return max(1, (frames - 1) // self.frame_step * self.frame_step + 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_stride[1] * self.patch[1]
+
+
+def dtype_kwarg(library: str, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`dtype=` where the library has it, else the older `torch_dtype=` (now deprecated in both)."""
+    if library == "diffusers":
+        from diffusers.utils import deprecation_utils
+
+        new = hasattr(deprecation_utils, "_resolve_dtype")  # the shim that deprecates torch_dtype (0.42+)
+    else:
+        import transformers
+
+        new = int(transformers.__version__.split(".")[0]) >= 5
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
+@contextlib.contextmanager
+def loading(what: str, where: str) -> Iterator[None]:
+    """Turns "not found / not cached / no network" into one line that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load {what} from '{where}': {first} (offline? download it first with "
+            "`huggingface-cli download`, or point model.path at a local diffusers folder)"
+        ) from None
+
+
+def _registry() -> dict[str, Family]:
+    from finetune.models import wan
+
+    return {"wan": wan.FAMILY}
+
+
+def get_family(name: str) -> Family:
+    families = _registry()
+    if name not in families:
+        raise UserError(f"model.family: unknown family '{name}' (known: {', '.join(sorted(families))})")
+    return families[name]
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def resolve_source(cfg: ModelConfig) -> Source:
+    path = Path(cfg.path).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise UserError(
+                f"model.path: {path} is a file but not .safetensors (weights load from safetensors only)"
+            )
+        if not cfg.base:
+            raise UserError(
+                f"model.path: {path} is a single transformer file; set model.base to the diffusers folder or "
+                "hub id that provides its VAE, text encoder and config (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"
+            )
+        return Source(
+            transformer=str(path), transformer_is_file=True, base=_check_base(cfg.base, "model.base")
+        )
+    base = _check_base(cfg.path, "model.path")
+    return Source(transformer=base, transformer_is_file=False, base=cfg.base or base)
+
+
+def _check_base(text: str, key: str) -> str:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "transformer").is_dir():
+            raise UserError(f"{key}: {path} is not a diffusers pipeline folder (no model_index.json)")
+        return str(path)
+    if _looks_like_hub_id(text):
+        return text  # resolved by diffusers through the local Hugging Face cache (offline when cached)
+    raise UserError(f"{key}: '{text}' is neither a folder, a .safetensors file nor a hub id (owner/name)")
+
+
+def model_index(base: str) -> dict[str, Any]:
+    local = Path(base) / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(base, "model_index.json")).read_text())
+    except Exception as exc:  # offline and not cached, or no such repo
+        raise UserError(
+            f"model.path: cannot read model_index.json of '{base}' ({type(exc).__name__}); download it first "
+            "with `huggingface-cli download` or point model.path at a local folder"
+        ) from None
+
+
+def family_for(cfg: ModelConfig, source: Source) -> Family:
+    if cfg.family:
+        return get_family(cfg.family)
+    pipeline = model_index(source.base).get("_class_name", "")
+    for family in _registry().values():
+        if pipeline in family.pipeline_classes:
+            return family
+    raise UserError(
+        f"model.family: cannot tell the family of '{source.base}' (pipeline '{pipeline}'); set it"
+    )

@@ -1,0 +1,152 @@
+"""Wan 2.1 text-to-video (1.3B, 14B) through diffusers' WanPipeline components.
+
+Facts: VAE compresses time 4x and space 8x into 16 channels; the transformer patches 1x2x2; valid frame counts
+are 4k+1; the text encoder is umT5-XXL (4096-d, 512 tokens, zero-padded); Wan samples with flow shift 3.0 at 480p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from finetune.errors import UserError
+from finetune.models import Family, Source, dtype_kwarg, loading, model_index
+
+_ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0") + (
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
+_FFN = ("ffn.net.0.proj", "ffn.net.2")
+
+
+def load_transformer(source: Source, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    if not source.transformer_is_file:
+        with loading("the transformer", source.transformer):
+            return WanTransformer3DModel.from_pretrained(
+                source.transformer, subfolder="transformer", **dtype_kwarg("diffusers", dtype)
+            )
+    with safe_open(source.transformer, framework="pt") as f:
+        keys = set(f.keys())
+    if any(k.startswith("blocks.0.attn1.") for k in keys):
+        # Already in diffusers' key layout (e.g. `finetune merge --transformer-only` or a diffusers export):
+        # build from the base's config and load strictly, so a key that does not fit is an error, not a no-op.
+        from safetensors.torch import load_file
+
+        config = WanTransformer3DModel.load_config(source.base, subfolder="transformer")
+        model = WanTransformer3DModel.from_config(config).to(dtype)
+        missing, unexpected = model.load_state_dict(load_file(source.transformer), strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"model.path: {source.transformer} does not fit the transformer of {source.base}: "
+                f"{len(missing)} missing keys (e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected "
+                f"(e.g. {sorted(unexpected)[:2]}); is model.base the right model?"
+            )
+        return model
+    # Original Wan checkpoint layout (ComfyUI / Wan-AI repos): diffusers converts it.
+    return WanTransformer3DModel.from_single_file(
+        source.transformer, config=source.base, subfolder="transformer", **dtype_kwarg("diffusers", dtype)
+    )
+
+
+@dataclass
+class Encoders:
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    device: torch.device
+
+
+def load_encoders(source: Source, device: torch.device, dtype: torch.dtype) -> Encoders:
+    import transformers
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
+
+    # The tokenizer class named by model_index.json, as diffusers does (AutoTokenizer would also look for a
+    # config.json that pipeline repos do not have, which fails offline).
+    tokenizer_class = getattr(transformers, model_index(source.base)["tokenizer"][1])
+    with loading("the tokenizer", source.base):
+        tokenizer = tokenizer_class.from_pretrained(source.base, subfolder="tokenizer")
+    with loading("the text encoder", source.base):
+        text_encoder = UMT5EncoderModel.from_pretrained(
+            source.base, subfolder="text_encoder", **dtype_kwarg("transformers", dtype)
+        )
+    # The VAE runs in fp32: it is small (~0.25 GB for Wan 2.1) and bf16 encoding visibly shifts colours.
+    with loading("the VAE", source.base):
+        vae = AutoencoderKLWan.from_pretrained(
+            source.base, subfolder="vae", **dtype_kwarg("diffusers", torch.float32)
+        )
+    return Encoders(tokenizer, text_encoder.to(device).eval(), vae.to(device).eval(), device)
+
+
+@torch.no_grad()
+def encode_prompts(enc: Encoders, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
+    """One (tokens, dim) tensor per prompt, trimmed to its real length; padded back with zeros at train time,
+    exactly as WanPipeline pads them at inference (it passes no attention mask to the transformer)."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    tokens = enc.tokenizer(
+        [prompt_clean(p) for p in prompts],
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    mask = tokens.attention_mask.to(enc.device)
+    hidden = enc.text_encoder(tokens.input_ids.to(enc.device), mask).last_hidden_state
+    return [h[: int(n)].cpu() for h, n in zip(hidden, mask.sum(dim=1), strict=True)]
+
+
+@torch.no_grad()
+def encode_video(enc: Encoders, video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, 16, 1 + (F-1)/4, H/8, W/8), the space the
+    transformer denoises in (WanPipeline undoes this normalisation before decoding)."""
+    vae = enc.vae
+    latents = vae.encode(video.to(enc.device, torch.float32)).latent_dist.mode()
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
+    return ((latents - mean) / std).cpu()
+
+
+def predict(transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor):
+    return transformer(
+        hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text, return_dict=False
+    )[0]
+
+
+def load_pipeline(source: Source, dtype: torch.dtype):
+    from diffusers import WanPipeline
+
+    with loading("the pipeline", source.base):
+        if source.transformer_is_file or source.transformer != source.base:
+            return WanPipeline.from_pretrained(
+                source.base, transformer=load_transformer(source, dtype), **dtype_kwarg("diffusers", dtype)
+            )
+        return WanPipeline.from_pretrained(source.base, **dtype_kwarg("diffusers", dtype))
+
+
+FAMILY = Family(
+    name="wan",
+    pipeline_classes=("WanPipeline",),
+    lora_presets={"blocks": _ATTENTION + _FFN, "attention": _ATTENTION, "ffn": _FFN},
+    blocks_attr="blocks",
+    vae_stride=(4, 8),
+    patch=(1, 2, 2),
+    frame_step=4,
+    flow_shift=3.0,
+    load_transformer=load_transformer,
+    load_encoders=load_encoders,
+    encode_prompts=encode_prompts,
+    encode_video=encode_video,
+    predict=predict,
+    load_pipeline=load_pipeline,
+)

@@ -1,0 +1,64 @@
+"""A tiny Wan pipeline built from the real diffusers/transformers classes and saved with save_pretrained.
+
+Its sizes differ from the demo's (finetune/demo.py), so the kit is tested on a config it has never seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "a red green blue yellow circle square ball moving left right up down over gray background in ink style "
+    "clip image of the"
+).split()
+
+
+def tiny_tokenizer():
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def build_tiny_wan(folder: Path, seed: int = 0, text_dim: int = 24, layers: int = 2) -> Path:
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=48, num_layers=1, num_heads=2)
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_dim,
+        freq_dim=32,
+        ffn_dim=40,
+        num_layers=layers,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    # B of a fresh output projection is random, as in a pretrained model (diffusers initialises it non-zero).
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)
