@@ -188,6 +188,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if key not in VALID_KEYS:
         raise UserError(f"override '{text}': unknown key '{key}'{_suggest(key)}")
+    if _is_text_key(key):  # `data.trigger=2024` or `=yes` stays the text the user typed
+        return key, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -195,8 +197,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _is_text_key(key: str) -> bool:
+    section, _, leaf = key.partition(".")
+    field = Recipe.model_fields[section].annotation.model_fields.get(leaf) if leaf else None
+    return field is not None and field.annotation in (str, str | None)
+
+
 def build_recipe(tree: dict[str, Any], overrides: list[str] = (), source: str = "recipe") -> Recipe:
     tree = json.loads(json.dumps(tree))  # a private deep copy
+    for section, body in list(tree.items()):
+        if body is None and section in Recipe.model_fields:  # `train:` with every line commented out
+            tree[section] = {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value, f"override '{text}'")

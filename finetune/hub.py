@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -9,17 +10,27 @@ import yaml
 import finetune
 
 
+def _is_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
+
+
 def model_card(info: dict[str, Any]) -> str:
     """README.md with YAML front matter (base_model, tags, instance_prompt) and how to use the adapter."""
     front = {
-        "base_model": info["base_model"],
         "library_name": "diffusers",
         "pipeline_tag": "text-to-video",
         "tags": ["lora", "diffusers", "text-to-video", info["family"], "finetune"],
     }
+    if _is_hub_id(info["base_model"]):  # the Hub rejects a local path as base_model
+        front = {"base_model": info["base_model"], **front}
     if info.get("trigger"):
         front["instance_prompt"] = info["trigger"]
     trigger = info.get("trigger") or ""
+    base = info["base_model"]
+    base_link = (
+        f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"the local model `{base}`"
+    )
     prompt = f"{trigger} a cat walking through a garden".strip()
     targets = info["targets"] if isinstance(info["targets"], str) else ", ".join(info["targets"])
     return f"""---
@@ -28,7 +39,7 @@ def model_card(info: dict[str, Any]) -> str:
 
 # {info["name"]}
 
-A LoRA for [{info["base_model"]}](https://huggingface.co/{info["base_model"]}) trained with
+A LoRA for {base_link} trained with
 `finetune` {finetune.__version__}, a LoRA kit for video diffusion transformers.
 
 {"Trigger word: `" + trigger + "` (put it in your prompt)." if trigger else "No trigger word."}

@@ -87,7 +87,8 @@ def test_adapter_folder_is_complete(world):
     assert sorted(p.name for p in (adapter / "checkpoints").iterdir()) == ["step-10", "step-5"]
     card = (adapter / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model"] == str(world["base"]) and "lora" in front["tags"]
+    assert "base_model" not in front and "lora" in front["tags"]  # a local path is no Hub id
+    assert f"the local model `{world['base']}`" in card
     saved = yaml.safe_load((adapter / "recipe.yaml").read_text())
     assert saved["lora"]["alpha"] == 8 and saved["train"]["steps"] == 12
     rows = (adapter / "logs" / "loss.csv").read_text().splitlines()

@@ -250,3 +250,93 @@ def test_digest_changes_when_any_value_changes():
     }
     assert base.digest() not in changed
     assert len(changed) == 3
+
+
+# --- the model section: families and where the weights are (finetune.models) -----------------------
+
+
+def test_wan_frame_rule_and_size_multiple():
+    from finetune.models import get_family
+
+    wan = get_family("wan")
+
+    assert [wan.valid_frames(n) for n in (81, 80, 77, 5, 4, 3, 1)] == [81, 77, 77, 5, 1, 1, 1]
+    assert wan.size_multiple == 16  # VAE 8x times patch 2
+
+
+def test_unknown_family_is_a_user_error():
+    from finetune.models import get_family
+
+    assert "known: wan" in _error(get_family, "sora")
+
+
+def test_resolve_source_hub_id(tmp_path, monkeypatch):
+    from finetune.config import ModelConfig
+    from finetune.models import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    source = resolve_source(ModelConfig(path="owner/name"))
+
+    assert (source.transformer, source.transformer_is_file, source.base) == (
+        "owner/name",
+        False,
+        "owner/name",
+    )
+
+
+def test_resolve_source_local_pipeline_folder(tmp_path):
+    from finetune.config import ModelConfig
+    from finetune.models import resolve_source
+
+    (tmp_path / "model_index.json").write_text("{}")
+
+    source = resolve_source(ModelConfig(path=str(tmp_path)))
+
+    assert (source.transformer, source.transformer_is_file, source.base) == (
+        str(tmp_path),
+        False,
+        str(tmp_path),
+    )
+
+
+def test_resolve_source_single_file_with_base(tmp_path):
+    from finetune.config import ModelConfig
+    from finetune.models import resolve_source
+
+    weights = tmp_path / "wan.safetensors"
+    weights.write_bytes(b"")
+
+    source = resolve_source(ModelConfig(path=str(weights), base="owner/name"))
+
+    assert (source.transformer, source.transformer_is_file, source.base) == (str(weights), True, "owner/name")
+
+
+def test_resolve_source_errors(tmp_path, monkeypatch):
+    from finetune.config import ModelConfig
+    from finetune.models import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.bin").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "not-a-pipeline").mkdir()
+
+    assert ".safetensors" in _error(resolve_source, ModelConfig(path="model.bin"))
+    assert "model.base" in _error(resolve_source, ModelConfig(path="model.safetensors"))
+    assert "'./nope'" in _error(resolve_source, ModelConfig(path="./nope"))
+    assert "model_index.json" in _error(resolve_source, ModelConfig(path="not-a-pipeline"))
+    assert "model.base" in _error(resolve_source, ModelConfig(path="model.safetensors", base="./nope"))
+
+
+def test_an_empty_section_means_its_defaults():
+    recipe = build_recipe({"model": {"path": "o/n"}, "data": {"path": "d"}, "train": None})
+    assert recipe.train.steps == 2000
+
+
+@pytest.mark.parametrize("typed,expected", [("2024", "2024"), ("yes", "yes"), ("#x", "#x"), ("a b", "a b")])
+def test_text_keys_keep_the_text_typed(typed, expected):
+    assert (
+        build_recipe(
+            {"model": {"path": "o/n"}, "data": {"path": "d"}}, [f"data.trigger={typed}"]
+        ).data.trigger
+        == expected
+    )

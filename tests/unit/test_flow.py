@@ -129,3 +129,43 @@ def test_logit_normal_centres_on_the_middle():
 def test_unknown_sampling_method_raises():
     with pytest.raises(ValueError, match="bogus"):
         flow.sample_sigmas(4, "bogus", 3.0)
+
+
+# --- learning-rate schedule (finetune.train.lr_factor) -------------------------------------------
+
+
+def _schedule(*overrides):
+    from finetune.config import build_recipe
+
+    return build_recipe({"model": {"path": "a/b"}, "data": {"path": "./clips"}}, list(overrides))
+
+
+def test_warmup_ramps_linearly_then_constant_stays_at_one():
+    from finetune.train import lr_factor
+
+    r = _schedule("train.steps=20", "train.warmup_steps=4")
+
+    assert [lr_factor(s, r) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(lr_factor(s, r) == 1.0 for s in range(4, 20))
+
+
+def test_constant_without_warmup_is_one_from_the_first_step():
+    from finetune.train import lr_factor
+
+    r = _schedule("train.steps=10")
+
+    assert [lr_factor(s, r) for s in range(10)] == [1.0] * 10
+
+
+def test_cosine_decays_from_one_to_about_zero_at_the_last_step():
+    from finetune.train import lr_factor
+
+    r = _schedule("train.steps=100", "train.warmup_steps=10", "train.schedule=cosine")
+    factors = [lr_factor(s, r) for s in range(100)]
+
+    assert factors[0] == pytest.approx(0.1)  # warmup first
+    assert factors[10] == pytest.approx(1.0)  # the peak right after warmup
+    assert factors[55] == pytest.approx(0.5)  # half-way through the decay
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))  # never rises again
+    assert 0 < factors[-1] < 1e-3
+    assert lr_factor(100, r) == pytest.approx(0.0, abs=1e-12)

@@ -79,7 +79,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
 
 
-def test_atomic_save_safetensors_writes_tensors_and_metadata(tmp_path, umask_022):
+def test_atomic_save_safetensors_writes_tensors_and_metadata(tmp_path):
     from safetensors import safe_open
 
     path = tmp_path / "w.safetensors"
@@ -90,8 +90,15 @@ def test_atomic_save_safetensors_writes_tensors_and_metadata(tmp_path, umask_022
     assert torch.equal(load_file(str(path))["w"], weight)
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["k"] == "v"
-    assert _mode(path) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_atomic_save_safetensors_respects_umask(tmp_path, umask_022):
+    path = tmp_path / "w.safetensors"
+
+    atomic_save_safetensors({"w": torch.zeros(2)}, path, {"format": "pt"})
+
+    assert _mode(path) == 0o644
 
 
 def test_failed_safetensors_save_keeps_the_old_file(tmp_path, monkeypatch):

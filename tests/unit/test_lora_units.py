@@ -249,3 +249,71 @@ def test_adapter_file_missing_is_a_user_error(tmp_path):
         adapter_file(tmp_path / "nothing")
 
     assert "nothing" in str(info.value)
+
+
+# --- the model card (finetune.hub) ---------------------------------------------------------------
+
+
+def _card_info(**changes):
+    info = {
+        "name": "my-style",
+        "family": "wan",
+        "base_model": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        "rank": 32,
+        "alpha": 16.0,
+        "targets": ["attn1.to_q", "ffn.net.2"],
+        "lora_layers": 60,
+        "steps": 500,
+        "lr": 1e-4,
+        "items": 12,
+        "width": 832,
+        "height": 480,
+        "frames": 81,
+        "trigger": "ohwx",
+        "final_loss": 0.123456,
+        "recipe_hash": "abcdef123456",
+    }
+    return {**info, **changes}
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    empty, front, _ = card.split("---", 2)
+    assert empty == ""  # the card starts with its front matter
+    return yaml.safe_load(front)
+
+
+def test_model_card_front_matter_parses():
+    from finetune.hub import model_card
+
+    card = model_card(_card_info())
+    front = _front_matter(card)
+
+    assert front["base_model"] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert front["instance_prompt"] == "ohwx"
+    assert front["library_name"] == "diffusers"
+    assert "lora" in front["tags"] and "wan" in front["tags"]
+    assert "# my-style" in card
+    assert "attn1.to_q, ffn.net.2 (60 layers)" in card
+    assert "| 0.1235 |" in card  # final loss to 4 places
+    assert "ohwx a cat walking through a garden" in card
+
+
+def test_model_card_without_trigger_has_no_instance_prompt():
+    from finetune.hub import model_card
+
+    card = model_card(_card_info(trigger="", targets="blocks"))
+    front = _front_matter(card)
+
+    assert "instance_prompt" not in front
+    assert "No trigger word." in card
+    assert "| targets | blocks (60 layers) |" in card
+
+
+def test_model_card_front_matter_survives_yaml_special_characters():
+    from finetune.hub import model_card
+
+    front = _front_matter(model_card(_card_info(trigger="sks: #style")))
+
+    assert front["instance_prompt"] == "sks: #style"
