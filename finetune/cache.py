@@ -40,6 +40,7 @@ class Shape:
 @dataclass
 class CacheResult:
     files: list[Path]  # one shard per usable item, in dataset order
+    shape: Shape  # the size and length the clips were encoded at (after the family's rounding)
     cached: int = 0
     new: int = 0
     removed: int = 0
@@ -154,7 +155,7 @@ def build_cache(recipe: Recipe, family: Family, source: Source) -> CacheResult:
         caption = _caption(recipe, item)
         wanted.append((_key(settings, content, caption, frames), item, caption, frames))
 
-    result = CacheResult(files=[], problems=list(problems))
+    result = CacheResult(files=[], shape=shape, problems=list(problems))
     todo, fail_keys = [], set()
     for key, item, caption, frames in wanted:
         entry = manifest["entries"].get(key)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from finetune import flow
-from finetune.cache import build_cache, free_memory
+from finetune.cache import build_cache
 from finetune.config import Recipe, save_recipe
 from finetune.data.batches import CachedItems, bucket_batches, collate
 from finetune.errors import UserError
@@ -138,6 +138,32 @@ def train(recipe: Recipe) -> Path:
     sigma_rng = torch.Generator().manual_seed(t.seed)
     noise_rng = torch.Generator(device).manual_seed(t.seed)
 
+    def write_adapter(folder: Path, steps_done: int) -> Path:
+        """Adapter + model card + resolved recipe: a checkpoint is as usable as the final adapter."""
+        tail = losses[-max(1, len(losses) // 10) :]
+        info = {
+            "name": out_dir.resolve().name,
+            "family": family.name,
+            "base_model": recipe.model.base or recipe.model.path,
+            "rank": recipe.lora.rank,
+            "alpha": recipe.lora.alpha,
+            "targets": recipe.lora.targets,
+            "lora_layers": len(modules),
+            "steps": steps_done,
+            "lr": t.lr,
+            "items": len(cache.files),
+            "width": cache.shape.width,
+            "height": cache.shape.height,
+            "frames": cache.shape.frames,
+            "trigger": recipe.data.trigger,
+            "final_loss": sum(tail) / len(tail),
+            "recipe_hash": recipe.digest(),
+        }
+        adapter = save_adapter(accelerator.unwrap_model(transformer), folder, info)
+        atomic_write_text(folder / "README.md", model_card(info))
+        save_recipe(recipe, folder / "recipe.yaml")
+        return adapter
+
     # 4. The loop. One step = grad_accum micro-batches, then one optimizer update.
     losses: list[float] = []
     smoothed = None
@@ -176,34 +202,14 @@ def train(recipe: Recipe) -> Path:
                 raise UserError(f"training diverged at step {step + 1} (loss {step_loss}); lower train.lr")
             if recipe.output.save_every and (step + 1) % recipe.output.save_every == 0 and step + 1 < t.steps:
                 with atomic_dir(out_dir / "checkpoints" / f"step-{step + 1}") as folder:
-                    save_adapter(accelerator.unwrap_model(transformer), folder, {"step": step + 1})
+                    write_adapter(folder, step + 1)
 
     # 5. The adapter, its card and the resolved recipe.
+    path = write_adapter(out_dir, t.steps)
     tail = losses[-max(1, len(losses) // 10) :]
-    info = {
-        "name": out_dir.resolve().name,
-        "family": family.name,
-        "base_model": recipe.model.base or recipe.model.path,
-        "rank": recipe.lora.rank,
-        "alpha": recipe.lora.alpha,
-        "targets": recipe.lora.targets,
-        "lora_layers": len(modules),
-        "steps": t.steps,
-        "lr": t.lr,
-        "items": len(cache.files),
-        "width": recipe.data.width,
-        "height": recipe.data.height,
-        "frames": recipe.data.frames,
-        "trigger": recipe.data.trigger,
-        "final_loss": sum(tail) / len(tail),
-        "recipe_hash": recipe.digest(),
-    }
-    path = save_adapter(accelerator.unwrap_model(transformer), out_dir, info)
-    atomic_write_text(out_dir / "README.md", model_card(info))
-    save_recipe(recipe, out_dir / "recipe.yaml")
-    say(f"adapter: {path}  (loss {losses[0]:.4f} at step 1 -> {info['final_loss']:.4f} over the last steps)")
-    del transformer, optimizer
-    free_memory()
+    say(
+        f"adapter: {path}  (loss {losses[0]:.4f} at step 1 -> {sum(tail) / len(tail):.4f} over the last steps)"
+    )
     return path
 
 

@@ -85,6 +85,19 @@ def test_adapter_folder_is_complete(world):
         names
     )
     assert sorted(p.name for p in (adapter / "checkpoints").iterdir()) == ["step-10", "step-5"]
+    checkpoint = sorted((adapter / "checkpoints" / "step-5").iterdir())
+    assert [p.name for p in checkpoint] == ["README.md", "pytorch_lora_weights.safetensors", "recipe.yaml"]
+    from finetune.lora import adapter_info
+
+    assert adapter_info(adapter / "checkpoints" / "step-5")["steps"] == 5
+    info = adapter_info(adapter)
+    assert (info["steps"], info["rank"], info["alpha"], info["frames"], info["family"]) == (
+        12,
+        4,
+        8,
+        9,
+        "wan",
+    )
     card = (adapter / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in front and "lora" in front["tags"]  # a local path is no Hub id
