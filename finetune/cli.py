@@ -23,7 +23,7 @@ def cmd_cache(args) -> None:
 
     recipe = _recipe(args)
     source = resolve_source(recipe.model)
-    build_cache(recipe, family_for(recipe.model, source), source)
+    build_cache(recipe, family_for(recipe.model, source), source, clean=args.clean)
 
 
 def cmd_train(args) -> None:
@@ -35,14 +35,13 @@ def cmd_train(args) -> None:
 def cmd_check_data(args) -> None:
     from finetune.check import check_data
 
-    check_data(args.target, args.overrides)
+    check_data(args.target, args.overrides, as_json=args.json)
 
 
 def cmd_generate(args) -> None:
-    from finetune.generate import GenerateSettings, export, generate_frames, load_pipeline
+    from finetune.generate import GenerateSettings, export, generate_frames, generation_mode, load_pipeline
     from finetune.lora import parse_lora_arg
 
-    pipe, family = load_pipeline(args.model, [parse_lora_arg(x) for x in args.lora], args.family, args.base)
     settings = GenerateSettings(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -54,6 +53,14 @@ def cmd_generate(args) -> None:
         seed=args.seed,
         max_sequence_length=args.max_sequence_length,
         fps=args.fps,
+        image=args.image,
+        last_image=args.last_image,
+        video=args.video,
+        strength=args.strength,
+        extend=args.extend,
+    )
+    pipe, family = load_pipeline(
+        args.model, [parse_lora_arg(x) for x in args.lora], args.family, args.base, generation_mode(settings)
     )
     path = export(generate_frames(pipe, family, settings), Path(args.out), settings.fps)
     print(path)
@@ -61,11 +68,62 @@ def cmd_generate(args) -> None:
 
 def cmd_merge(args) -> None:
     from finetune.generate import merge
-    from finetune.lora import parse_lora_arg
+    from finetune.lora import merge_into_lora, parse_lora_arg
 
-    merge(
-        args.model, [parse_lora_arg(x) for x in args.lora], Path(args.out), args.transformer_only, args.base
-    )
+    loras = [parse_lora_arg(x) for x in args.lora]
+    if args.into_lora:
+        if args.model or args.transformer_only:
+            raise UserError("merge --into-lora writes one adapter: drop --model/--transformer-only")
+        merge_into_lora(loras, Path(args.out), args.rank)
+        return
+    if args.rank is not None:
+        raise UserError("merge --rank: only with --into-lora (a merge into the base has no rank)")
+    if not args.model:
+        raise UserError("merge: give --model (to fuse into the base) or --into-lora (to make one adapter)")
+    merge(args.model, loras, Path(args.out), args.transformer_only, args.base)
+
+
+def cmd_convert(args) -> None:
+    from finetune.formats import convert
+
+    print(convert(args.adapter, args.to, args.out, allow_pickle=args.allow_pickle))
+
+
+def cmd_inspect(args) -> None:
+    import json
+
+    from finetune.lora import inspect_adapter
+
+    facts = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        width = max(map(len, facts))
+        for key, value in facts.items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            print(f"{key:<{width}}  {'-' if shown is None else shown}")
+
+
+def cmd_resize(args) -> None:
+    from finetune.lora import resize_adapter
+
+    out, energy, per_layer = resize_adapter(args.adapter, args.rank, Path(args.out))
+    for name, kept in per_layer.items():
+        print(f"{name}  {kept:.4%}")
+    print(f"overall  {energy:.4%}  -> {out}")
+
+
+def cmd_push(args) -> None:
+    from finetune.hub import push
+
+    push(args.adapter, args.repo, private=args.private, dry_run=args.dry_run)
+
+
+def cmd_estimate(args) -> None:
+    from finetune.estimate import estimate, format_table
+
+    result = estimate(_recipe(args))
+    print(result.to_json() if args.json else format_table(result))
 
 
 def cmd_demo(args) -> None:
@@ -87,11 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     with_recipe("cache", cmd_cache, "check the clips and encode latents + text embeddings to cache.dir")
+    sub.choices["cache"].add_argument(
+        "--clean", action="store_true", help="also remove stale entries (sources gone or changed, stray shards)"
+    )
     with_recipe("train", cmd_train, "train a LoRA (runs the cache stage first when needed)")
+    p = sub.add_parser("estimate", help="predict peak GPU memory for caching, training and generation (CPU)")
+    p.add_argument("recipe", help="recipe .yaml")
+    p.add_argument("overrides", nargs="*", metavar="a.b=value", help="override any recipe key")
+    p.add_argument("--json", action="store_true", help="print JSON (train_peak_gb, cache_peak_gb, ...)")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("check-data", help="check a dataset folder (or a recipe's data.path) before caching")
     p.add_argument("target", help="recipe .yaml or data folder")
     p.add_argument("overrides", nargs="*", metavar="a.b=value")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("generate", help="generate a video with the base model and any adapters")
@@ -109,16 +176,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--max-sequence-length", type=int, default=512)
-    p.add_argument("--out", required=True, help="output file: .mp4, .gif or .png")
+    p.add_argument("--image", metavar="PNG", help="animate this image: it becomes the first frame")
+    p.add_argument("--last-image", metavar="PNG", help="with --image: the last frame (keyframes)")
+    p.add_argument("--video", metavar="MP4", help="restyle this clip (SDEdit, see --strength)")
+    p.add_argument("--strength", type=float, default=0.7, help="--video: noise level 0..1 (default 0.7)")
+    p.add_argument("--extend", metavar="MP4", help="continue this clip from its last frames")
+    p.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (one frame)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("merge", help="fuse adapters into the base model and save it")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("merge", help="fuse adapters into the base model (or, --into-lora, into one adapter)")
+    p.add_argument("--model", help="the base to fuse into (not with --into-lora)")
     p.add_argument("--base", help="folder or hub id with the other components when --model is a file")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--transformer-only", action="store_true", help="save only the fused transformer")
+    p.add_argument("--into-lora", action="store_true", help="write one adapter: the weighted sum (exact)")
+    p.add_argument("--rank", type=int, help="with --into-lora: re-factor the sum to this rank by SVD")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert", help="rewrite an adapter as diffusers, ComfyUI or a peft folder")
+    p.add_argument("adapter", help="adapter folder or file (diffusers, ComfyUI, kohya/musubi, peft)")
+    p.add_argument("--to", required=True, choices=["diffusers", "comfy", "peft"])
+    p.add_argument("--out", required=True, help="output folder, or a .safetensors file (diffusers, comfy)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a .pt/.bin/.ckpt file (tensors only: torch.load(weights_only=True))")  # fmt: skip
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="what an adapter is: format, family, base, rank, targets, training")
+    p.add_argument("adapter", help="adapter folder, file or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("resize", help="re-factor an adapter to a lower rank by SVD (reports energy kept)")
+    p.add_argument("adapter")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_resize)
+
+    p = sub.add_parser("push", help="upload an adapter folder to the Hugging Face Hub")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--repo", required=True, metavar="OWNER/NAME")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; upload nothing")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser(
         "demo", help="the offline demo: tiny model, synthetic clips, cache, train, before/after"

@@ -30,12 +30,42 @@ class ModelConfig(_Section):
     base: str | None = None  # hub id / folder for the VAE, text encoder and config when `path` is a file
 
 
+FrameExtraction = Literal["head", "uniform", "slide", "chain", "full"]
+
+
+class DatasetConfig(_Section):
+    """One entry of `data.datasets`; a key left out (None) takes the value under `data:`."""
+
+    path: str  # folder (recursive, same-stem .txt captions) or a folder with metadata.jsonl / metadata.csv
+    repeats: int = Field(1, gt=0)  # each item is seen this many times per epoch (balances small datasets)
+    trigger: str | None = None
+    frame_buckets: list[int] | None = None
+    frame_extraction: FrameExtraction | None = None
+    frame_stride: int | None = Field(None, gt=0)
+    target_fps: float | None = Field(None, gt=0)
+    shuffle_tags: int | None = Field(None, ge=0)
+
+
 class DataConfig(_Section):
-    path: str  # folder of clips and images with same-stem .txt captions (searched recursively)
-    width: int = Field(832, gt=0)
+    # Folder of clips and images with same-stem .txt captions (searched recursively), or a folder holding
+    # metadata.jsonl / metadata.csv (file_name + text/caption). Empty when `datasets` lists the folders.
+    path: str = ""
+    datasets: list[DatasetConfig] = []  # several folders, each with its own repeats and overrides
+    width: int = Field(832, gt=0)  # with height: the target area of the aspect-ratio buckets
     height: int = Field(480, gt=0)
-    frames: int = Field(81, gt=0)  # rounded down to the family's rule (Wan: 4k+1)
+    frames: int = Field(81, gt=0)  # the one frame bucket when frame_buckets is empty (rounded: Wan 4k+1)
+    frame_buckets: list[int] = []  # e.g. [1, 17, 33, 49, 81]: a clip goes to the largest one it fills
+    aspect_buckets: bool = True  # false: every item is cover-cropped to exactly width x height
+    no_upscale: bool = False  # a source smaller than its bucket gets a smaller bucket instead of upscaling
+    # head: first frames; uniform: spread over the clip; slide: windows every frame_stride frames;
+    # chain: back-to-back windows; full: the whole clip (capped at the largest bucket)
+    frame_extraction: FrameExtraction = "head"
+    frame_stride: int = Field(16, gt=0)  # slide: frames between window starts (at target_fps)
+    target_fps: float | None = Field(None, gt=0)  # resample clips to this rate first; None: source rate
     trigger: str = ""  # prepended to every caption: the word that calls up the style
+    caption_dropout: float = Field(0.0, ge=0, lt=1)  # chance a step trains on the empty prompt instead
+    shuffle_tags: int = Field(0, ge=0)  # N > 0: also cache N shuffled orders of comma-separated tags
+    repeats: int = Field(1, gt=0)  # for data.path: times each item is seen per epoch
     strict: bool = False  # a broken clip or missing caption stops the run instead of being skipped
 
 
@@ -51,12 +81,25 @@ class LoraConfig(_Section):
     targets: str | list[str] = "blocks"  # a preset of the family (blocks, attention, ffn) or module names
 
 
+class ValidationConfig(_Section):
+    every: int = Field(0, ge=0)  # 0: no validation. Samples and the held-out loss every N steps
+    prompts: list[str] = []  # sampled at every validation with the same seed, so the videos are comparable
+    width: int = Field(320, gt=0)  # small: a validation should cost seconds, not minutes
+    height: int = Field(192, gt=0)
+    frames: int = Field(17, gt=0)
+    steps: int = Field(20, gt=0)  # sampling steps
+    seed: int = 0
+    holdout: int = Field(0, ge=0)  # cached items kept out of training for the fixed-noise validation loss
+
+
 class TrainConfig(_Section):
     steps: int = Field(2000, gt=0)
     lr: float = Field(1.0e-4, gt=0)
     batch_size: int = Field(1, gt=0)
     grad_accum: int = Field(1, gt=0)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw8bit"
+    # adamw8bit / paged_adamw8bit: bitsandbytes (paged: states can spill to host RAM under pressure);
+    # torchao_adamw8bit: torchao's 8-bit AdamW (used automatically when bitsandbytes is missing).
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "torchao_adamw8bit"] = "adamw8bit"
     weight_decay: float = Field(0.01, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
@@ -66,17 +109,42 @@ class TrainConfig(_Section):
     flow_shift: float | None = Field(None, gt=0)  # None: the family's default (Wan: 3.0)
     seed: int = 42
     num_workers: int = Field(0, ge=0)
+    resume: str | None = None  # "latest" (newest checkpoint under output.dir) or a checkpoints/step-N folder
+    max_bad_steps: int = Field(5, gt=0)  # non-finite loss or gradient this many steps in a row stops the run
+    validation: ValidationConfig = ValidationConfig()
+    log: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]  # CSV is always written
+    ema: float | None = Field(None, gt=0, lt=1)  # e.g. 0.999: also save an EMA of the LoRA weights
 
 
 class MemoryConfig(_Section):
     # bf16: weights and compute in bf16. fp8: weights stored as float8 e4m3 (half of bf16), each layer upcast
     # to bf16 just before it runs. fp32: full precision (the CPU always trains in fp32).
-    base_dtype: Literal["bf16", "fp8", "fp32"] = "bf16"
+    # nf4 / int8: block linears quantized with bitsandbytes (QLoRA style: ~0.56 / ~1 byte per weight), each
+    # dequantized to bf16 as it runs. LoRA weights stay fp32 on the GPU whatever the base.
+    base_dtype: Literal["bf16", "fp8", "nf4", "int8", "fp32"] = "bf16"
+    # Checkpointed block inputs (and any other saved activation) wait for backward in pinned host memory.
+    activation_offload: bool = False
+    # N transformer blocks keep their frozen weights in pinned host memory and are streamed to the GPU one
+    # block ahead of use on a side CUDA stream (forward and backward); saves ~N-2 blocks of weights.
+    blocks_to_swap: int = Field(0, ge=0)
+    # With gradient checkpointing: recompute attention and FFN under their own checkpoints inside each block,
+    # the FFN in this many token chunks, so backward holds one piece of one block (0: whole blocks).
+    ffn_chunks: int = Field(0, ge=0)
+    # The caching stage's umT5 text encoder: on the GPU (bf16, ~11 GB for umT5-XXL), int8 (~6 GB), or cpu.
+    text_encoder: Literal["gpu", "int8", "cpu"] = "gpu"
+    vae_tiling: bool = False  # encode videos in spatial tiles (the VAE's peak no longer scales with the frame)
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    # auto: before training, pick the fastest plan that the estimate says fits the detected GPU.
+    plan: Literal["manual", "auto"] = "manual"
 
 
 class OutputConfig(_Section):
     dir: str = "./adapters/my-style"
     save_every: int = Field(250, ge=0)  # 0: only the final adapter
+    keep_last: int = Field(3, ge=0)  # checkpoints kept under checkpoints/ (0: all)
+    # Layouts written beside the adapter: diffusers always; comfy adds pytorch_lora_weights_comfy.safetensors,
+    # peft adds adapter_config.json + adapter_model.safetensors.
+    formats: list[Literal["diffusers", "comfy", "peft"]] = ["diffusers"]
 
 
 class Recipe(_Section):
@@ -212,10 +280,16 @@ def build_recipe(tree: dict[str, Any], overrides: list[str] = (), source: str = 
         key, value = parse_override(text)
         _set_dotted(tree, key, value, f"override '{text}'")
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
         lines = [_explain(e, source) for e in exc.errors()]
         raise UserError("\n".join(_merge_union_lines(lines))) from None
+    if not recipe.data.path and not recipe.data.datasets:
+        raise UserError(
+            f"{source}: 'data.path' is required (set it in the recipe or pass data.path=VALUE, "
+            "or list folders under data.datasets)"
+        )
+    return recipe
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:

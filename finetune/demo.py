@@ -1,12 +1,17 @@
-"""`finetune demo`: the kit's whole path, offline, on a CPU, in about a minute.
+"""`finetune demo`: the kit's whole path, offline, on a CPU, in minutes.
 
-It builds a tiny Wan-architecture pipeline (the real diffusers/transformers classes, random weights), writes
-captioned clips of coloured shapes drawn in an ink style, then runs exactly what a user runs: cache, train,
-generate before/after with the same seeds, and writes the adapter and a report.
+It writes captioned clips of the demo world (finetune/demo_world.py) drawn in an ink style the base never saw,
+then runs exactly what a user runs: cache, train a LoRA, generate held-out prompts before/after with the same
+seeds, and measures from the pixels whether the style moved toward the style set while the content (colour,
+shape, direction of the prompt) stayed.
+
+The base is adapters/demo-base (built by tools/build_demo_base.py) when the kit ships it; without it the demo
+builds a random tiny Wan pipeline, which exercises the same code but cannot show a picture (the report says so).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -14,17 +19,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TRIGGER = "inkstyle"
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
-SHAPES = ("circle", "square")
-MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-HELD_OUT = ("a yellow square moving up", "a blue circle moving left")  # in no training caption
-PAPER, INK = (236, 226, 200), (30, 28, 26)
-WORDS = [TRIGGER, "a", "moving", *COLORS, *SHAPES, *MOVES]
+from finetune.demo_world import (
+    CAPTIONS,
+    TRIGGER,
+    WORDS,
+    content_score,
+    render,
+    style_distance,
+    style_features,
+)
+
+SIZE, FRAMES, TEXT_LENGTH, FPS = 32, 5, 16, 5
+# One held-out prompt per colour; together they cover both shapes and all four directions. None of them is in a
+# training caption: the adapter must carry the style to prompts it never saw.
+HELD_OUT = (
+    "a yellow square moving up",
+    "a blue circle moving left",
+    "a red square moving down",
+    "a green circle moving right",
+)
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "adapters" / "demo-base"
 
 
-def build_base(folder: Path, seed: int = 0) -> Path:
-    """A tiny WanPipeline saved with save_pretrained: loaded by the same code path as real Wan weights."""
+def build_random_base(folder: Path, seed: int = 0) -> Path:
+    """A tiny WanPipeline with random weights, for when no pretrained demo base ships with the kit."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -52,58 +70,26 @@ def build_base(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def draw_clip(color: str, shape: str, move: str, frames: int = 17, size: int = 64) -> np.ndarray:
-    """(frames, size, size, 3) uint8: the shape as a thick ink outline with a coloured fill, on paper."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    dx, dy = MOVES[move]
-    video = np.empty((frames, size, size, 3), np.uint8)
-    radius = size // 6
-    for i in range(frames):
-        travel = (i / max(1, frames - 1) - 0.5) * size * 0.5
-        cx, cy = size / 2 + dx * travel, size / 2 + dy * travel
-        if shape == "circle":
-            dist = np.hypot(xx - cx, yy - cy) / radius
-        else:
-            dist = np.maximum(abs(xx - cx), abs(yy - cy)) / radius
-        frame = np.empty((size, size, 3), np.uint8)
-        frame[:] = PAPER
-        frame[dist <= 1.0] = COLORS[color]
-        frame[(dist > 0.75) & (dist <= 1.0)] = INK
-        video[i] = frame
-    return video
-
-
-def write_style_clips(folder: Path) -> list[str]:
+def write_style_clips(folder: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every caption of the world except the held-out ones, in the ink style: 28 clips + captions."""
     from finetune.generate import export
 
     folder.mkdir(parents=True, exist_ok=True)
-    captions = []
-    for color in COLORS:
-        for shape in SHAPES:
-            for move in MOVES:
-                caption = f"a {color} {shape} moving {move}"
-                if caption in HELD_OUT:
-                    continue
-                name = f"{color}_{shape}_{move}"
-                export(draw_clip(color, shape, move), folder / f"{name}.mp4", fps=8)
-                (folder / f"{name}.txt").write_text(caption + "\n")
-                captions.append(caption)
-    return captions
+    rng = np.random.default_rng(seed)
+    clips = {}
+    for caption in CAPTIONS:
+        if caption in HELD_OUT:
+            continue
+        words = caption.split()
+        video = render(words[1], words[2], words[4], rng, FRAMES, SIZE, style="ink")
+        name = caption.removeprefix("a ").replace(" moving ", "_").replace(" ", "_")
+        export(video, folder / f"{name}.mp4", fps=FPS)
+        (folder / f"{name}.txt").write_text(caption + "\n")
+        clips[caption] = video
+    return clips
 
 
-def _side_by_side_gif(before: np.ndarray, after: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    gap = np.full((before.shape[0], before.shape[1], 4, 3), 255, np.uint8)
-    frames = np.concatenate([before, gap, after], axis=2)
-    scale = max(1, 192 // frames.shape[1])
-    images = [
-        Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames
-    ]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=125, loop=0)
-
-
-def run_demo(out: Path, steps: int = 150) -> dict:
+def run_demo(out: Path, steps: int = 300, seeds: int = 2, base: Path | None = None) -> dict:
     from finetune.cache import build_cache
     from finetune.config import build_recipe
     from finetune.generate import GenerateSettings, export, generate_frames, load_pipeline
@@ -113,84 +99,172 @@ def run_demo(out: Path, steps: int = 150) -> dict:
 
     started = time.perf_counter()
     out = Path(out)
-    say(f"[1/5] building a tiny Wan-architecture base model in {out / 'base'}")
-    base = build_base(out / "base")
+    base = Path(base) if base else SHIPPED_BASE
+    pretrained = (base / "model_index.json").is_file()
+    if pretrained:
+        say(f"[1/5] base: the pretrained tiny Wan pipeline in {base}")
+    else:
+        base = build_random_base(out / "base")
+        say(f"[1/5] no pretrained demo base at {SHIPPED_BASE}: built a RANDOM tiny Wan pipeline in {base} "
+            "(the path runs, but there is no picture to restyle; build one with tools/build_demo_base.py)")  # fmt: skip
     say(f"[2/5] writing ink-style training clips in {out / 'data'}")
-    captions = write_style_clips(out / "data")
+    style_clips = write_style_clips(out / "data")
     recipe = build_recipe({
         "model": {"path": str(base)},
-        "data": {"path": str(out / "data"), "width": 64, "height": 64, "frames": 17, "trigger": TRIGGER},
-        "cache": {"dir": str(out / "cache"), "max_sequence_length": 16},
+        "data": {"path": str(out / "data"), "width": SIZE, "height": SIZE, "frames": FRAMES, "trigger": TRIGGER},
+        "cache": {"dir": str(out / "cache"), "max_sequence_length": TEXT_LENGTH},
         "lora": {"rank": 16, "alpha": 16},
-        "train": {"steps": steps, "lr": 2e-3, "batch_size": 2, "optimizer": "adamw", "warmup_steps": 10},
+        "train": {"steps": steps, "lr": 2e-3, "batch_size": 4, "optimizer": "adamw", "warmup_steps": 10,
+                  "gradient_checkpointing": False},
         "output": {"dir": str(out / "adapter"), "save_every": 0},
     }, source="demo recipe")  # fmt: skip
-    say(f"[3/5] caching {len(captions)} clips")
+    say(f"[3/5] caching {len(style_clips)} clips")
     source = resolve_source(recipe.model)
     family = family_for(recipe.model, source)
     cache = build_cache(recipe, family, source)
     say(f"[4/5] training a rank-{recipe.lora.rank} LoRA for {steps} steps")
     base_transformer = family.load_transformer(source, torch.float32)
-    loss_before = fixed_noise_loss(base_transformer, family, cache.files, recipe.cache.max_sequence_length)
+    loss_before = fixed_noise_loss(base_transformer, family, cache.files, TEXT_LENGTH)
     del base_transformer
     adapter = train(recipe)
 
-    say("[5/5] generating held-out prompts before and after")
-    samples = {}
+    say(f"[5/5] generating {len(HELD_OUT)} held-out prompts x {seeds} seeds, before and after")
+    samples: dict[str, dict[str, list[np.ndarray]]] = {"base": {}, "adapter": {}}
     for label, loras in (("base", []), ("adapter", [(str(adapter.parent), 1.0)])):
         pipe, family = load_pipeline(str(base), loras)
         pipe.set_progress_bar_config(disable=True)
         if label == "adapter":
-            loss_after = fixed_noise_loss(
-                pipe.transformer, family, cache.files, recipe.cache.max_sequence_length
-            )
-        for i, prompt in enumerate(HELD_OUT):
-            settings = GenerateSettings(prompt=f"{TRIGGER} {prompt}", width=64, height=64, frames=17, steps=10,
-                                        guidance=1.0, seed=i, max_sequence_length=16, fps=8)  # fmt: skip
-            frames = generate_frames(pipe, family, settings)
-            name = prompt.replace(" ", "_")
-            export(frames, out / "samples" / label / f"{name}.mp4", fps=8)
-            samples.setdefault(name, {})[label] = frames
-    for name, pair in samples.items():
-        _side_by_side_gif(pair["base"], pair["adapter"], out / "samples" / f"{name}_before_after.gif")
+            loss_after = fixed_noise_loss(pipe.transformer, family, cache.files, TEXT_LENGTH)
+        for prompt in HELD_OUT:
+            for seed in range(seeds):
+                settings = GenerateSettings(prompt=f"{TRIGGER} {prompt}", width=SIZE, height=SIZE, frames=FRAMES,
+                                            steps=20, guidance=3.0, seed=seed, max_sequence_length=TEXT_LENGTH,
+                                            fps=FPS)  # fmt: skip
+                frames = generate_frames(pipe, family, settings)
+                export(
+                    frames, out / "samples" / label / f"{prompt.replace(' ', '_')}_seed{seed}.mp4", fps=FPS
+                )
+                samples[label].setdefault(prompt, []).append(frames)
+        del pipe
 
-    result = {
+    result = measure(list(style_clips.values()), samples)
+    result.update({
+        "pretrained_base": pretrained,
         "clips": len(cache.files),
         "steps": steps,
+        "held_out_prompts": list(HELD_OUT),
+        "seeds": seeds,
         "fixed_noise_loss_base": round(loss_before, 4),
         "fixed_noise_loss_adapter": round(loss_after, 4),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    })  # fmt: skip
+    plot_loss(out / "adapter" / "logs" / "loss.csv", out / "loss.png")
+    grid_gif({label: [videos[0] for videos in by_prompt.values()] for label, by_prompt in samples.items()},
+             out / "samples" / "before_after.gif")  # fmt: skip
+    result["seconds"] = round(time.perf_counter() - started, 1)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    _write_report(out, result, samples)
-    drop = 100 * (1 - loss_after / loss_before)
-    say(f"done in {result['seconds']} s: loss on the training clips at fixed noise {loss_before:.4f} -> "
-        f"{loss_after:.4f} ({drop:.0f}% lower). Report: {out / 'report.md'}")  # fmt: skip
+    _write_report(out, result)
+    say(f"done in {result['seconds']} s. style distance to the style set: base {result['style_base']} -> "
+        f"adapter {result['style_adapter']} (style set {result['style_target']}; {result['style_progress']:.0%} "
+        f"of the way); content: base {result['content_base']} -> adapter {result['content_adapter']}. "
+        f"Report: {out / 'report.md'}")  # fmt: skip
     return result
 
 
-def _write_report(out: Path, result: dict, samples: dict) -> None:
-    rows = "\n".join(
-        f"| {name.replace('_', ' ')} | ![]({'samples/' + name + '_before_after.gif'}) |" for name in samples
+def measure(style_clips: list[np.ndarray], samples: dict[str, dict[str, list[np.ndarray]]]) -> dict:
+    """Style: distance of each video's background colour and outline darkness to the style set's average
+    (style_target is the style set's own spread around it). Content: fraction of colour/shape/direction of the
+    prompt that the video shows. Progress: how far the style moved from the base toward the style set (1 = all
+    the way)."""
+    reference = np.mean([style_features(v) for v in style_clips], axis=0)
+    result = {"style_target": round(style_distance(style_clips, reference), 4)}
+    for label, by_prompt in samples.items():
+        videos = [v for vs in by_prompt.values() for v in vs]
+        result[f"style_{label}"] = round(style_distance(videos, reference), 4)
+        scores = [content_score(v, p) for p, vs in by_prompt.items() for v in vs]
+        result[f"content_{label}"] = round(float(np.mean(scores)), 4)
+    gap = result["style_base"] - result["style_target"]
+    result["style_progress"] = (
+        round((result["style_base"] - result["style_adapter"]) / gap, 4) if gap else 0.0
     )
+    return result
+
+
+def plot_loss(csv_path: Path, png: Path, width: int = 480, height: int = 240) -> None:
+    """The training loss (per step, light) and its 20-step moving average (dark), drawn with PIL (no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    with open(csv_path) as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    smooth = np.convolve(losses, np.ones(20) / 20, mode="valid") if len(losses) >= 20 else np.array(losses)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 50, 20, width - 10, height - 30
+    low, high = min(losses), max(losses)
+    span = (high - low) or 1.0
+
+    def xy(i: float, value: float) -> tuple[float, float]:
+        return left + (right - left) * i / max(1, len(losses) - 1), bottom - (bottom - top) * (
+            value - low
+        ) / span
+
+    draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+    draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
+    offset = (len(losses) - len(smooth)) / 2
+    draw.line([xy(i + offset, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
+    draw.text((left, 4), "training loss (flow matching) per step", fill="black")
+    draw.text((4, top), f"{high:.3f}", fill="black")
+    draw.text((4, bottom - 10), f"{low:.3f}", fill="black")
+    draw.text((left, bottom + 8), f"step 1 ... {len(losses)}", fill="black")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    image.save(png)
+
+
+def grid_gif(rows: dict[str, list[np.ndarray]], path: Path, scale: int = 3) -> Path:
+    """One animated GIF: a row per label (base, adapter), a column per prompt, 4-pixel white gaps."""
+    from PIL import Image
+
+    def row(videos: list[np.ndarray]) -> np.ndarray:
+        gap = np.full((*videos[0].shape[:2], 4, 3), 255, np.uint8)
+        return np.concatenate([x for v in videos for x in (v, gap)][:-1], axis=2)
+
+    strips = [row(videos) for videos in rows.values()]
+    gap = np.full((strips[0].shape[0], 4, strips[0].shape[2], 3), 255, np.uint8)
+    frames = np.concatenate([x for s in strips for x in (s, gap)][:-1], axis=1)
+    size = (frames.shape[2] * scale, frames.shape[1] * scale)
+    images = [Image.fromarray(f).resize(size, Image.NEAREST) for f in frames]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // FPS, loop=0)
+    return path
+
+
+def _write_report(out: Path, r: dict) -> None:
+    base_line = (
+        "the pretrained tiny Wan-architecture base (adapters/demo-base, built by tools/build_demo_base.py)"
+        if r["pretrained_base"]
+        else "a RANDOM tiny Wan pipeline (no pretrained demo base was found), so the samples are noise and the "
+        "style and content numbers below measure noise"
+    )
+    prompts = ", ".join(f"`{p}`" for p in r["held_out_prompts"])
     (out / "report.md").write_text(f"""# finetune demo
 
-A tiny Wan-architecture pipeline (random weights) learned an ink style from {result["clips"]} captioned clips
-on the CPU in {result["seconds"]} s ({result["steps"]} LoRA steps). The same code path trains Wan 2.1 on a GPU.
+Base: {base_line}. It learned an ink style (trigger word `{TRIGGER}`) from {r["clips"]} captioned clips in
+`data/`, with {r["steps"]} LoRA steps on the CPU; the whole run took {r["seconds"]} s.
 
-| | flow loss on the training clips, fixed noise and sigmas |
-|---|---|
-| base | {result["fixed_noise_loss_base"]} |
-| base + adapter | {result["fixed_noise_loss_adapter"]} |
+Held-out prompts (in no training caption), {r["seeds"]} seeds each, same seeds before and after: {prompts}.
+Top row: base. Bottom row: base + adapter (seed 0).
 
-Held-out prompts (in no training caption), same seed; left: base, right: base + adapter. The base has random
-weights, so neither is a picture yet: the demo that shows a pretrained tiny model learning a visible style is
-the next step.
+![before and after](samples/before_after.gif)
 
-| prompt | before / after |
-|---|---|
-{rows}
+| measure (held-out prompts) | base | base + adapter | style set |
+|---|---|---|---|
+| style distance to the style set (background colour + outline ink; lower = closer) | {r["style_base"]} | {r["style_adapter"]} | {r["style_target"]} |
+| content (share of colour, shape, direction shown) | {r["content_base"]} | {r["content_adapter"]} | |
+| flow loss on the training clips, fixed noise | {r["fixed_noise_loss_base"]} | {r["fixed_noise_loss_adapter"]} | |
 
-Files: `adapter/` (the LoRA, model card, recipe, logs), `data/` (training clips), `samples/base/`,
-`samples/adapter/`, `metrics.json`.
+The style moved {r["style_progress"]:.0%} of the way from the base to the style set.
+
+![training loss](loss.png)
+
+Files: `adapter/` (the LoRA in hub layout, model card, recipe, logs), `data/` (training clips and captions),
+`samples/base/` and `samples/adapter/` (same file names), `metrics.json`, `loss.png`.
 """)

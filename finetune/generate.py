@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from finetune.config import ModelConfig
 from finetune.errors import UserError
 from finetune.io import atomic_dir
 from finetune.lora import load_adapters
-from finetune.models import Family, family_for, resolve_source
+from finetune.models import Family, families_with_mode, family_for, resolve_source
 from finetune.ui import say
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
@@ -30,6 +31,12 @@ class GenerateSettings:
     negative_prompt: str = ""
     max_sequence_length: int = 512
     fps: int = 16
+    # Generation modes beyond text-to-video (each family declares the ones it can run: Family.modes).
+    image: str | None = None  # first frame (image-to-video)
+    last_image: str | None = None  # last frame too (keyframe interpolation)
+    video: str | None = None  # restyle this clip (SDEdit) ...
+    strength: float = 0.7  # ... from this noise level: 0 keeps the clip, 1 ignores it
+    extend: str | None = None  # continue this clip from its last frames
 
 
 def _device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -39,12 +46,18 @@ def _device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def load_pipeline(
-    model: str, loras: list[tuple[str, float]], family_name: str | None = None, base: str | None = None
+    model: str,
+    loras: list[tuple[str, float]],
+    family_name: str | None = None,
+    base: str | None = None,
+    mode: str = "t2v",
 ):
-    """The family's diffusers pipeline with each adapter loaded at its scale (and checked: see load_adapters)."""
+    """The family's diffusers pipeline with each adapter loaded at its scale (and checked: see load_adapters).
+    A generation `mode` the family cannot run fails here, before any weights load."""
     cfg = ModelConfig(path=model, family=family_name, base=base)
     source = resolve_source(cfg)
     family = family_for(cfg, source)
+    mode_runner(family, mode)
     device, dtype = _device_and_dtype()
     pipe = family.load_pipeline(source, dtype)
     load_adapters(pipe, loras)
@@ -67,11 +80,110 @@ def _fit(family: Family, s: GenerateSettings) -> GenerateSettings:
     return s
 
 
+MODE_FLAGS = {
+    "image": "--image (image-to-video)",
+    "last_image": "--image with --last-image (keyframe interpolation)",
+    "video": "--video (video-to-video restyle)",
+    "extend": "--extend (continue a clip)",
+}
+
+
+def generation_mode(s: GenerateSettings) -> str:
+    given = [
+        flag for flag, value in (("--image", s.image), ("--video", s.video), ("--extend", s.extend)) if value
+    ]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)}: give one of --image, --video, --extend")
+    if s.last_image and not s.image:
+        raise UserError("--last-image: give the first frame too with --image (keyframe interpolation)")
+    if s.video and not 0 < s.strength <= 1:
+        raise UserError(
+            f"--strength {s.strength}: expected a number in (0, 1] (0.7 restyles, 1 ignores the clip)"
+        )
+    if s.image:
+        return "last_image" if s.last_image else "image"
+    return "video" if s.video else "extend" if s.extend else "t2v"
+
+
+def mode_runner(family: Family, mode: str):
+    """The family's function for `mode`, or one line naming the families that can run it."""
+    run = family.modes.get(mode) or (mode == "t2v" and (lambda pipe, _: (pipe, {})))
+    if not run:
+        able = families_with_mode(mode)
+        raise UserError(
+            f"{MODE_FLAGS[mode]}: the {family.name} family cannot do this; families that can: "
+            f"{', '.join(able) if able else 'none yet'}"
+        )
+    return run
+
+
+@dataclass
+class GenerationInputs:
+    """What a family's mode function gets: the settings' sizes and the decoded media, as PIL images."""
+
+    width: int
+    height: int
+    frames: int
+    strength: float
+    image: object = None
+    last_image: object = None
+    video: list | None = None
+    extend: list | None = None
+
+
+def _read_image(path: str, width: int, height: int):
+    from PIL import Image, ImageOps
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: image not found")
+    with Image.open(path) as image:
+        return ImageOps.fit(
+            ImageOps.exif_transpose(image).convert("RGB"), (width, height), Image.Resampling.BICUBIC
+        )
+
+
+def _read_video(path: str, width: int, height: int) -> list:
+    """Every frame of a clip, scaled to cover width x height and center-cropped (as training data is)."""
+    import av
+    from PIL import Image, ImageOps
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: video not found")
+    try:
+        with av.open(str(path)) as container:
+            frames = [f.to_image() for f in container.decode(video=0)]
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise UserError(f"{path}: cannot be decoded as a video ({type(exc).__name__})") from None
+    if not frames:
+        raise UserError(f"{path}: no video frames")
+    return [ImageOps.fit(f.convert("RGB"), (width, height), Image.Resampling.BICUBIC) for f in frames]
+
+
+def _inputs(family: Family, s: GenerateSettings) -> GenerationInputs:
+    inputs = GenerationInputs(s.width, s.height, s.frames, s.strength)
+    if s.image:
+        inputs.image = _read_image(s.image, s.width, s.height)
+    if s.last_image:
+        inputs.last_image = _read_image(s.last_image, s.width, s.height)
+    if s.extend:
+        inputs.extend = _read_video(s.extend, s.width, s.height)
+    if s.video:
+        clip = _read_video(s.video, s.width, s.height)
+        usable = family.valid_frames(len(clip))
+        if usable < s.frames:
+            say(f"note: {s.video} has {len(clip)} frames; restyling its first {usable}")
+            s.frames = inputs.frames = usable
+        inputs.video = clip[: s.frames]
+    return inputs
+
+
 def generate_frames(pipe, family: Family, s: GenerateSettings) -> np.ndarray:
-    """(frames, height, width, 3) uint8."""
+    """(frames, height, width, 3) uint8, in the mode the settings ask for (text-to-video by default)."""
+    run = mode_runner(family, generation_mode(s))
     s = _fit(family, s)
+    pipe, extra = run(pipe, _inputs(family, s))
     generator = torch.Generator(pipe.device).manual_seed(s.seed)
-    out = pipe(
+    kwargs = dict(
         prompt=s.prompt,
         negative_prompt=s.negative_prompt,
         width=s.width,
@@ -83,6 +195,10 @@ def generate_frames(pipe, family: Family, s: GenerateSettings) -> np.ndarray:
         max_sequence_length=s.max_sequence_length,
         output_type="np",
     )
+    kwargs.update(extra)  # a mode's own arguments win (e.g. CogVideoX's fixed text length)
+    # Video-to-video pipelines take their length from the input clip and have no num_frames argument.
+    accepted = inspect.signature(pipe.__call__).parameters
+    out = pipe(**{k: v for k, v in kwargs.items() if k in accepted})
     return (np.clip(out.frames[0], 0, 1) * 255).round().astype(np.uint8)
 
 

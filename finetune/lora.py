@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,22 @@ from safetensors import safe_open
 import finetune
 from finetune.config import LoraConfig as LoraSettings
 from finetune.errors import UserError
-from finetune.io import atomic_save_safetensors
+from finetune.formats import (
+    DIFFUSERS_METADATA_KEY,
+    OUR_METADATA_KEY,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    Adapter,
+    diffusers_config_json,
+    diffusers_state_dict,
+    find_weights,
+    read_adapter,
+    refuse_pickle,
+    write_diffusers,
+)
+from finetune.io import atomic_dir, atomic_save_safetensors
 from finetune.models import Family
-
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-OUR_METADATA_KEY = "finetune"
+from finetune.ui import say
 
 
 def target_modules(family: Family, transformer: torch.nn.Module, targets: str | list[str]) -> list[str]:
@@ -99,19 +110,45 @@ def save_adapter(transformer: torch.nn.Module, out_dir: Path, info: dict[str, An
     return path
 
 
+def write_extra_formats(folder: Path, formats: list[str]) -> list[Path]:
+    """The ComfyUI file and/or peft folder files beside a saved diffusers adapter (`output.formats`)."""
+    from finetune.formats import COMFY_NAME, write_comfy, write_peft
+
+    adapter = read_adapter(Path(folder) / WEIGHTS_NAME)
+    written = []
+    if "comfy" in formats:
+        written.append(write_comfy(adapter, Path(folder) / COMFY_NAME))
+    if "peft" in formats:
+        written.append(write_peft(adapter, Path(folder)))
+    return written
+
+
 def adapter_file(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file():
-        raise UserError(f"--lora: {path} not found (give an adapter folder or its .safetensors file)")
-    return path
+    """The weights file of an adapter: a folder (diffusers, peft or ComfyUI file names inside), a file, or a hub
+    id `owner/name` (or `owner/name/file.safetensors`) resolved through the local Hugging Face cache."""
+    local = Path(path).expanduser()
+    if not local.exists():
+        from finetune.hub import download_adapter, looks_like_hub_ref
+
+        if looks_like_hub_ref(str(path)):
+            local = download_adapter(str(path))
+        else:
+            raise UserError(f"--lora: {local} not found (give an adapter folder or its .safetensors file)")
+    return find_weights(local)
 
 
 def adapter_info(path: str | Path) -> dict[str, Any]:
-    with safe_open(str(adapter_file(path)), framework="pt") as f:
+    """Our metadata from the header (family, base_model, steps, trigger, ...); {} when there is none."""
+    file = adapter_file(path)
+    if file.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(file)
+    with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
-    return json.loads(meta.get(OUR_METADATA_KEY, "{}"))
+    try:
+        info = json.loads(meta.get(OUR_METADATA_KEY, "{}"))
+    except json.JSONDecodeError:  # metadata is data: a malformed value is ignored, never evaluated
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -125,31 +162,176 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+@dataclass
+class MatchReport:
+    """How an adapter's layers meet a model's modules."""
+
+    matched: list[str]
+    unexpected: list[str]  # no such linear layer in the model
+    shape_mismatch: list[str]  # "name: adapter OUTxIN, model OUTxIN"
+
+    @property
+    def problems(self) -> int:
+        return len(self.unexpected) + len(self.shape_mismatch)
+
+
+def match_report(transformer: torch.nn.Module, adapter: Adapter) -> MatchReport:
+    modules = dict(transformer.named_modules())
+    matched, unexpected, mismatch = [], [], []
+    for name, layer in adapter.layers.items():
+        module = modules.get(name)
+        base = getattr(module, "base_layer", module)  # a layer that already carries another adapter
+        if not isinstance(base, torch.nn.Linear):
+            unexpected.append(name)
+        elif (base.out_features, base.in_features) != (layer.up.shape[0], layer.down.shape[1]):
+            mismatch.append(
+                f"{name}: adapter {layer.up.shape[0]}x{layer.down.shape[1]}, "
+                f"model {base.out_features}x{base.in_features}"
+            )
+        else:
+            matched.append(name)
+    return MatchReport(matched, unexpected, mismatch)
+
+
+def _wrapped(transformer: torch.nn.Module, adapter_name: str) -> set[str]:
+    return {
+        n
+        for n, m in transformer.named_modules()
+        if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict) and adapter_name in m.lora_A
+    }
+
+
 def load_adapters(pipe, loras: list[tuple[str, float]]) -> list[str]:
-    """Loads each adapter onto the pipeline's transformer at its scale, and checks that every LoRA key found a
-    layer: diffusers warns and carries on when keys do not match, which users meet as "it loaded but did
-    nothing". Here a mismatch stops with the base the adapter was trained for."""
+    """Loads each adapter (any layout: diffusers, ComfyUI, kohya, peft) onto the pipeline's transformer at its
+    scale, and accounts for every layer: diffusers warns and carries on when keys do not match, which users meet
+    as "it loaded but did nothing". Here one layer without a home stops the load, naming the base the adapter
+    was trained for; a good load prints one line with the counts."""
     names = []
     for i, (path, _) in enumerate(loras):
         file = adapter_file(path)
+        adapter = read_adapter(file)
         name = f"lora{i}"
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())  # safe_open is not a dict: keys() is the only way to list them
-        expected = {k.split(".lora_A.")[0].removeprefix("transformer.") for k in keys if ".lora_A." in k}
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-        wrapped = {
-            n
-            for n, m in pipe.transformer.named_modules()
-            if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict) and name in m.lora_A
-        }
-        missing = sorted(expected - wrapped)
-        if not expected or missing:
-            trained_for = adapter_info(file).get("base_model", "an unknown base")
+        report = match_report(pipe.transformer, adapter)
+        total = len(adapter.layers)
+        if report.problems:
+            trained_for = adapter.info.get("base_model", "an unknown base")
+            examples = (report.unexpected[:2] + report.shape_mismatch[:2])[:3]
             raise UserError(
-                f"--lora {path}: {len(missing)} of {len(expected)} LoRA layers found no match in this model "
-                f"(e.g. {missing[:2]}); the adapter was trained for {trained_for}"
+                f"--lora {path}: {report.problems} of {total} LoRA layers found no match in this model "
+                f"({len(report.unexpected)} with no such layer, {len(report.shape_mismatch)} with another shape; "
+                f"e.g. {examples}); the adapter was trained for {trained_for}"
             )
+        if adapter.format == "diffusers":
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        else:  # converted in memory; alpha travels in the config, the tensors are the file's own
+            pipe.load_lora_into_transformer(
+                diffusers_state_dict(adapter),
+                transformer=pipe.transformer,
+                adapter_name=name,
+                metadata=json.loads(diffusers_config_json(adapter)),
+                _pipeline=pipe,
+            )
+        missing = sorted(set(adapter.layers) - _wrapped(pipe.transformer, name))
+        if missing:
+            raise UserError(
+                f"--lora {path}: {len(missing)} of {total} LoRA layers found no match in this model after "
+                f"loading (e.g. {missing[:2]}); the adapter was trained for "
+                f"{adapter.info.get('base_model', 'an unknown base')}"
+            )
+        say(
+            f"--lora {path}: {len(report.matched)}/{total} layers matched ({adapter.format} layout, rank "
+            f"{'/'.join(map(str, adapter.ranks()))}), 0 missing, 0 unexpected, 0 shape mismatches"
+        )
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
     return names
+
+
+# --- inspect, merge into one LoRA, resize ----------------------------------------------------------------
+
+
+def _block_relative(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[2:]) if len(parts) > 2 and parts[1].isdigit() else name
+
+
+def inspect_adapter(path: str | Path) -> dict[str, Any]:
+    """What a user wants to know before loading an adapter; the keys of `finetune inspect --json`."""
+    adapter = read_adapter(adapter_file(path))
+    info = adapter.info
+    ranks, alphas = adapter.ranks(), adapter.alphas()
+    return {
+        "path": str(adapter.path),
+        "format": adapter.format,
+        "family": info.get("family"),
+        "base_model": info.get("base_model"),
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "alpha": alphas[0] if len(alphas) == 1 else alphas,
+        "targets": sorted({_block_relative(n) for n in adapter.layers}),
+        "layers": len(adapter.layers),
+        "params": adapter.params,
+        "file_size": adapter.file_size,
+        "dtype": str(next(iter(adapter.layers.values())).down.dtype).removeprefix("torch."),
+        "trigger": info.get("trigger") or None,
+        "steps": info.get("steps"),
+        "items": info.get("items"),
+        "recipe_hash": info.get("recipe_hash"),
+        "kit_version": info.get("kit_version"),
+    }
+
+
+def _derived_info(adapter: Adapter, sources: list[dict[str, Any]], **changes: Any) -> str:
+    info = {**adapter.info, **changes, "derived_from": sources, "kit_version": finetune.__version__}
+    ranks, alphas = adapter.ranks(), adapter.alphas()
+    info["rank"] = ranks[0] if len(ranks) == 1 else ranks
+    info["alpha"] = alphas[0] if len(alphas) == 1 else alphas
+    info["lora_layers"] = len(adapter.layers)
+    return json.dumps(info, sort_keys=True)
+
+
+def merge_into_lora(loras: list[tuple[str, float]], out: Path, rank: int | None = None) -> Path:
+    """Several adapters at their scales -> one adapter in `out`: exact (ranks concatenated) without `rank`,
+    else the weighted sum re-factored by SVD to `rank`, with the retained energy reported."""
+    from finetune import lora_math
+
+    if not loras:
+        raise UserError("merge --into-lora: give at least one --lora PATH[:SCALE]")
+    adapters = [read_adapter(adapter_file(p)) for p, _ in loras]
+    families = {a.info.get("family") for a in adapters} - {None}
+    if len(families) > 1:
+        raise UserError(f"merge --into-lora: the adapters are for different families ({sorted(families)})")
+    merged = lora_math.concat_merge(adapters, [s for _, s in loras])
+    how = f"exact, rank {'/'.join(map(str, merged.ranks()))}"
+    if rank is not None:
+        result = lora_math.refactor(merged, rank)
+        merged = result.adapter
+        how = f"rank {rank} by SVD, {result.energy:.2%} of the energy retained"
+    sources = [{"path": str(p), "scale": s} for p, s in loras]
+    merged.info_json = _derived_info(merged, sources, merge=how)
+    out = Path(out)
+    with atomic_dir(out) as folder:
+        write_diffusers(merged, folder / WEIGHTS_NAME)
+    say(f"merged {len(loras)} adapter(s) into one LoRA at {out} ({how})")
+    return out
+
+
+def resize_adapter(path: str | Path, rank: int, out: Path) -> tuple[Path, float, dict[str, float]]:
+    """An adapter re-factored to `rank` by SVD; returns (folder, overall energy kept, per-layer energy)."""
+    from finetune import lora_math
+
+    adapter = read_adapter(adapter_file(path))
+    result = lora_math.refactor(adapter, rank)
+    resized = result.adapter
+    resized.info_json = _derived_info(
+        resized, [{"path": str(path), "scale": 1.0}], resize=f"rank {rank}, energy {result.energy:.6f}"
+    )
+    out = Path(out)
+    with atomic_dir(out) as folder:
+        write_diffusers(resized, folder / WEIGHTS_NAME)
+    worst = min(result.layer_energy.items(), key=lambda kv: kv[1])
+    say(
+        f"resized to rank {rank}: {result.energy:.2%} of the energy retained overall "
+        f"(lowest layer: {worst[0]} {worst[1]:.2%})"
+    )
+    return out, result.energy, result.layer_energy

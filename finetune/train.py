@@ -1,27 +1,56 @@
 """The training loop: one function, read top to bottom.
 
 cache (encoders loaded, used, freed) -> transformer + LoRA -> flow-matching steps -> adapter + card + recipe.
+
+Built to be left alone overnight: full-state checkpoints (finetune.checkpoint) every output.save_every steps and
+on Ctrl-C/SIGTERM, exact resume with train.resume, non-finite steps skipped (finetune.guards), validation samples
+and a held-out loss (finetune.validation), CSV/tensorboard/W&B logs (finetune.logs).
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import itertools
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from finetune import flow
-from finetune.cache import build_cache
+from finetune import objectives
+from finetune.cache import build_cache, encode_device
+from finetune.checkpoint import (
+    batch_generator,
+    batch_stream,
+    capture_rng,
+    check_compatible,
+    check_disk_space,
+    checkpoint_dirs,
+    data_signature,
+    find_checkpoint,
+    load_checkpoint,
+    restore_lora,
+    restore_rng,
+    restore_schedule,
+    state_bytes,
+    write_checkpoint,
+)
 from finetune.config import Recipe, save_recipe
-from finetune.data.batches import CachedItems, bucket_batches, collate
+from finetune.data.batches import CachedItems, collate
+from finetune.ema import EMA_NAME, LoraEMA
 from finetune.errors import UserError
+from finetune.guards import StopOnSignal, bad_steps_message, gradient_norm, out_of_memory_message
 from finetune.hub import model_card
-from finetune.io import atomic_dir, atomic_write_text
-from finetune.lora import add_lora, save_adapter, target_modules
+from finetune.io import atomic_write_text
+from finetune.logs import TrainingLog, summary
+from finetune.lora import WEIGHTS_NAME, add_lora, save_adapter, target_modules, write_extra_formats
+from finetune.memory import apply_memory_plan
 from finetune.models import family_for, resolve_source
 from finetune.ui import progress, say, warn
+from finetune.validation import Validation, fixed_noise_loss, free_memory, split_holdout
+
+__all__ = ["compute_dtype", "fixed_noise_loss", "lr_factor", "make_optimizer", "train"]
 
 
 def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
@@ -58,38 +87,6 @@ def lr_factor(step: int, recipe: Recipe) -> float:
     return 1.0
 
 
-class TrainingLog:
-    """Per-step numbers to `logs/loss.csv` (always) and tensorboard (when installed)."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.file = open(folder / "loss.csv", "w", newline="")  # noqa: SIM115 (closed in __exit__)
-        self.rows = csv.writer(self.file)
-        self.rows.writerow(["step", "loss", "lr", "grad_norm", "seconds"])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(str(folder))
-        except ImportError:
-            self.board = None
-            warn("tensorboard is not installed; logging to CSV only")
-
-    def record(self, step: int, loss: float, lr: float, grad_norm, seconds: float) -> None:
-        norm = float(grad_norm) if grad_norm is not None else float("nan")
-        self.rows.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{norm:.4f}", f"{seconds:.3f}"])
-        if self.board:
-            self.board.add_scalar("train/loss", loss, step)
-            self.board.add_scalar("train/lr", lr, step)
-
-    def __enter__(self) -> TrainingLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
-        if self.board:
-            self.board.close()
-
-
 def train(recipe: Recipe) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -97,46 +94,88 @@ def train(recipe: Recipe) -> Path:
     source = resolve_source(recipe.model)
     family = family_for(recipe.model, source)
     out_dir = Path(recipe.output.dir)
+    checkpoints = out_dir / "checkpoints"
     t = recipe.train
+    began = time.perf_counter()
+
+    # 0. Resuming: read the checkpoint and check the recipe against it before anything heavy is loaded.
+    resumed = None
+    if t.resume:
+        resumed = load_checkpoint(find_checkpoint(t.resume, out_dir))
+        for note in check_compatible(resumed.recipe, recipe.model_dump(mode="json"), resumed.folder):
+            say(note)
+        if resumed.step >= t.steps:
+            raise UserError(
+                f"train.resume: {resumed.folder} is at step {resumed.step} and train.steps={t.steps}; "
+                "raise train.steps to train further"
+            )
+        say(f"resuming from {resumed.folder} (step {resumed.step} of {t.steps})")
 
     # 1. The cache stage runs first (it encodes only what is missing) and frees the VAE and text encoder, so
     #    they are never on the GPU together with the transformer.
     cache = build_cache(recipe, family, source)
+    train_files, holdout_files = split_holdout(cache.files, t.validation.holdout, t.seed)
 
-    # 2. The transformer, frozen, with LoRA on every targeted block linear.
+    # 2. The transformer, frozen, with LoRA on every targeted block linear. Under `accelerate launch` every
+    #    process holds a copy (DDP); only the main process writes files.
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    device = accelerator.device
+    device, main = accelerator.device, accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
     dtype = compute_dtype(recipe, device)
     set_seed(t.seed)
+    # Validation encodes its prompts now, while the text encoder can still have the GPU to itself.
+    validation = None
+    if t.validation.every and main:
+        validation = Validation(recipe, family, source, holdout_files, device, encode_device()[1])
     say(f"loading the {family.name} transformer from {source.transformer}")
     transformer = family.load_transformer(source, dtype)
-    if recipe.memory.base_dtype == "fp8" and device.type == "cuda":
-        # float8 storage halves the base weights (1.3B: 2.6 -> 1.3 GB); each layer is upcast to bf16 as it runs.
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    if t.gradient_checkpointing:
-        # Keeps only each block's input for backward and recomputes the rest: at 832x480x81 on Wan 1.3B this is
-        # the difference between ~155 GB and ~13 GB of activations, for ~30% more compute.
-        transformer.enable_gradient_checkpointing()
+    # The memory plan (base dtype, checkpointing, ...; memory.plan=auto picks one) and the estimate: memory.py.
+    plan = apply_memory_plan(transformer, recipe, device, family)
     modules = target_modules(family, transformer, recipe.lora.targets)
     trainable = add_lora(transformer, recipe.lora, modules)
     say(f"LoRA rank {recipe.lora.rank} on {len(modules)} layers: {trainable:,} trainable parameters")
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(recipe, params)
+    optimizer = plan.finish(transformer, params)  # places the model on the GPU (or swaps blocks), optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    ema = LoraEMA(transformer, t.ema) if t.ema else None
+    transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[False, False])
+    model = accelerator.unwrap_model(transformer)  # the module itself, for saving and sampling
+    objective = objectives.for_family(family, source, t)  # flow matching, or the family's own (CogVideoX)
 
-    # 3. Data: cached latents and text, batched by shape, in a seeded order.
+    # 3. Where the run stands: fresh, or the checkpoint's weights, moments, schedule, losses and data position.
+    step0, batches, losses, skipped, val_losses = 0, 0, [], 0, {}
+    signature = data_signature(train_files, t.batch_size, t.seed)
+    stream = {"seed": t.seed, "offset": 0}  # the batch stream in use and the batch count where it started
+    if resumed:
+        restore_lora(model, resumed.lora, resumed.folder)
+        restore_schedule(resumed, optimizer, scheduler, t.lr)
+        done = resumed.progress
+        step0, batches, losses, skipped = resumed.step, done["batches"], done["losses"], done["skipped"]
+        val_losses = {int(k): v for k, v in done["val_losses"].items()}
+        stream = done["stream"]
+        if done["data"] != signature:  # other clips, captions, batch size or seed: a new order from here
+            say(
+                "note: the cached data or batch size changed since the checkpoint; the data order starts anew"
+            )
+            stream = {"seed": t.seed + step0, "offset": batches}
+        if ema and (resumed.folder / EMA_NAME).is_file():
+            from safetensors.torch import load_file
+
+            ema.load(load_file(str(resumed.folder / EMA_NAME)))
+
+    # 4. Data: cached latents and text, batched by shape, in a seeded order that resumes where it stopped. Each
+    #    process takes every world-th batch, so 2 processes see what 1 process with twice the grad_accum sees.
+    sampler = batch_stream(train_files, t.batch_size, stream["seed"], batches - stream["offset"])
     loader = torch.utils.data.DataLoader(
-        CachedItems(cache.files),
-        batch_sampler=bucket_batches(cache.files, t.batch_size, t.seed),
+        CachedItems(train_files, cache.text_choice),  # caption variant per load; data.caption_dropout
+        batch_sampler=itertools.islice(sampler, rank, None, world),
         collate_fn=lambda items: collate(items, recipe.cache.max_sequence_length),
         num_workers=t.num_workers,
     )
-    batches = iter(loader)
-    shift = t.flow_shift or family.flow_shift
-    sigma_rng = torch.Generator().manual_seed(t.seed)
-    noise_rng = torch.Generator(device).manual_seed(t.seed)
+    batch_iter = iter(loader)
+    if resumed:
+        restore_rng(resumed.rng)  # after iter(loader), which draws its base seed from the torch RNG
 
     def write_adapter(folder: Path, steps_done: int) -> Path:
         """Adapter + model card + resolved recipe: a checkpoint is as usable as the final adapter."""
@@ -151,89 +190,166 @@ def train(recipe: Recipe) -> Path:
             "lora_layers": len(modules),
             "steps": steps_done,
             "lr": t.lr,
-            "items": len(cache.files),
+            "items": len(train_files),
             "width": cache.shape.width,
             "height": cache.shape.height,
             "frames": cache.shape.frames,
             "trigger": recipe.data.trigger,
-            "final_loss": sum(tail) / len(tail),
+            "final_loss": sum(tail) / len(tail) if tail else float("nan"),
             "recipe_hash": recipe.digest(),
         }
-        adapter = save_adapter(accelerator.unwrap_model(transformer), folder, info)
+        adapter = save_adapter(model, folder, info)
+        write_extra_formats(folder, recipe.output.formats)  # the ComfyUI / peft copies, when asked for
+        if ema:
+            ema.save(folder)
         atomic_write_text(folder / "README.md", model_card(info))
         save_recipe(recipe, folder / "recipe.yaml")
         return adapter
 
-    # 4. The loop. One step = grad_accum micro-batches, then one optimizer update.
-    losses: list[float] = []
-    smoothed = None
-    with TrainingLog(out_dir / "logs") as log:
-        bar = progress(range(t.steps), desc="training", unit="step")
+    def save_checkpoint(steps_done: int, rng: dict) -> Path:
+        """Only the main process writes (the optimizer state is the same on every process under DDP)."""
+        progress_now = {
+            "batches": batches,
+            "stream": stream,
+            "data": signature,
+            "losses": losses,
+            "skipped": skipped,
+            "val_losses": val_losses,
+        }
+        if main:
+            write_checkpoint(checkpoints, steps_done, write_adapter, optimizer, scheduler, rng, progress_now,
+                             recipe.output.keep_last, state_bytes(params, optimizer))  # fmt: skip
+        accelerator.wait_for_everyone()
+        return checkpoints / f"step-{steps_done}"
+
+    def validate(folder: Path, steps_done: int, tag: str) -> None:
+        """Samples (and the held-out loss) with the training's random state set aside and put back."""
+        rng = capture_rng()
+        try:
+            if tag == "base":  # the same prompts without the adapter, once, for comparison
+                model.disable_adapters()
+                try:
+                    validation.samples(model, folder, log, steps_done, tag)
+                finally:
+                    model.enable_adapters()
+                return
+            val_loss = validation.loss(model)
+            if val_loss is not None:
+                val_losses[steps_done] = val_loss
+                log.record_validation(steps_done, val_loss)
+            validation.samples(model, folder, log, steps_done, tag)
+        finally:
+            restore_rng(rng)
+
+    if main and recipe.output.save_every:
+        check_disk_space(checkpoints, state_bytes(params, optimizer))  # fail now, not at step 250 overnight
+    last_checkpoint = (
+        checkpoint_dirs(checkpoints)[-1][1] if resumed and checkpoint_dirs(checkpoints) else None
+    )
+
+    # 5. The loop. One step = grad_accum micro-batches on each process, then one optimizer update. A non-finite
+    #    loss or gradient skips the update; SIGINT/SIGTERM stop after the step with a checkpoint.
+    bad_in_a_row, smoothed = 0, None
+    with TrainingLog(out_dir / "logs", t.log, step0, recipe.model_dump(mode="json"), enabled=main) as log, \
+            StopOnSignal() as stop:  # fmt: skip
+        if validation and not (out_dir / "samples" / "base").is_dir():
+            validate(out_dir / "samples" / "base", 0, "base")
+        bar = progress(range(step0, t.steps), initial=step0, total=t.steps, desc="training", unit="step",
+                       disable=not main)  # fmt: skip
         for step in bar:
             started = time.perf_counter()
-            step_loss = 0.0
-            for _ in range(t.grad_accum):
-                batch = next(batches)
-                x0 = batch["latents"].to(device, dtype)
-                text = batch["text"].to(device, dtype)
-                noise = torch.randn(x0.shape, generator=noise_rng, device=device, dtype=dtype)
-                sigmas = flow.sample_sigmas(len(x0), t.timestep_sampling, shift, sigma_rng)
-                noisy = flow.add_noise(x0, noise, sigmas)
-                timesteps = flow.timesteps_from_sigmas(sigmas).to(device)
-                prediction = family.predict(transformer, noisy, timesteps, text)
-                loss = flow.flow_loss(prediction, flow.velocity_target(x0, noise))
-                accelerator.backward(loss / t.grad_accum)
-                step_loss += loss.item() / t.grad_accum
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
-            optimizer.step()
-            scheduler.step()
+            rng_before = capture_rng()  # an out-of-memory checkpoint is the state before this step
+            try:
+                step_loss = 0.0
+                for micro in range(t.grad_accum):
+                    index = batches + micro * world + rank  # this batch's place in the whole run's stream
+                    batch = next(batch_iter)
+                    x0 = batch["latents"].to(device, dtype)
+                    text = batch["text"].to(device, dtype)
+                    noise_rng = batch_generator(t.seed, index, device)
+                    noise = torch.randn(x0.shape, generator=noise_rng, device=device, dtype=dtype)
+                    # Gradients are averaged across processes only on the last micro-batch.
+                    last = micro == t.grad_accum - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(transformer):
+                        noisy, timesteps, target = objective.noise(x0, noise, batch_generator(t.seed, index))
+                        prediction = family.predict(transformer, noisy, timesteps.to(device), text)
+                        loss = objectives.loss(prediction, target)
+                        accelerator.backward(loss / t.grad_accum)
+                    step_loss += loss.item() / t.grad_accum
+                grad_norm = gradient_norm(params, t.max_grad_norm, accelerator)
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                free_memory()
+                saved = save_checkpoint(step, rng_before) if step > step0 else last_checkpoint
+                raise UserError(out_of_memory_message(recipe, step + 1, saved)) from None
+            # Every process must agree on skipping and stopping: average the loss (NaN anywhere is NaN here).
+            shared = torch.tensor([step_loss, float(stop.requested is not None)], device=device)
+            if world > 1:
+                shared = accelerator.reduce(shared, "mean")
+            step_loss, stopping = shared[0].item(), shared[1].item() > 0
+            good = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if good:
+                optimizer.step()
+                if ema:
+                    ema.update()
+                losses.append(step_loss)
+                bad_in_a_row = 0
+            else:
+                bad_in_a_row += 1
+                skipped += 1
+            with warnings.catch_warnings():  # after a skipped first update torch warns about the order
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            batches += t.grad_accum * world
+            done = step + 1
 
             seconds = time.perf_counter() - started
-            losses.append(step_loss)
-            smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
             lr = scheduler.get_last_lr()[0]
-            log.record(step + 1, step_loss, lr, grad_norm, seconds)
-            postfix = {"loss": f"{smoothed:.4f}", "lr": f"{lr:.1e}", "s/step": f"{seconds:.2f}"}
+            log.record(done, step_loss, lr, grad_norm, seconds, skipped=not good)
+            if good:
+                smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
+            postfix = {
+                "loss": f"{smoothed or float('nan'):.4f}",
+                "lr": f"{lr:.1e}",
+                "s/step": f"{seconds:.2f}",
+            }
             if device.type == "cuda":
                 postfix["peak"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GiB"
+            if skipped:
+                postfix["skipped"] = skipped
             bar.set_postfix(postfix)
-            if not math.isfinite(step_loss):
-                raise UserError(f"training diverged at step {step + 1} (loss {step_loss}); lower train.lr")
-            if recipe.output.save_every and (step + 1) % recipe.output.save_every == 0 and step + 1 < t.steps:
-                with atomic_dir(out_dir / "checkpoints" / f"step-{step + 1}") as folder:
-                    write_adapter(folder, step + 1)
+            if bad_in_a_row >= t.max_bad_steps:
+                raise UserError(bad_steps_message(recipe, done, step_loss, grad_norm, last_checkpoint))
+            if validation and done % t.validation.every == 0:
+                validate(out_dir / "samples" / f"step-{done}", done, "samples")
+            if world > 1 and t.validation.every and done % t.validation.every == 0:
+                accelerator.wait_for_everyone()
+            periodic = recipe.output.save_every and (done % recipe.output.save_every == 0 or done == t.steps)
+            if stopping or (
+                periodic and bad_in_a_row == 0
+            ):  # a checkpoint in a bad streak would be no better
+                last_checkpoint = save_checkpoint(done, capture_rng())
+            if stopping:
+                say(
+                    f"stopped at step {done} of {t.steps} ({stop.requested}); checkpoint: {last_checkpoint}\n"
+                    "continue with the same `finetune train` command plus train.resume=latest"
+                )
+                raise KeyboardInterrupt
 
-    # 5. The adapter, its card and the resolved recipe.
-    path = write_adapter(out_dir, t.steps)
-    tail = losses[-max(1, len(losses) // 10) :]
-    say(
-        f"adapter: {path}  (loss {losses[0]:.4f} at step 1 -> {sum(tail) / len(tail):.4f} over the last steps)"
-    )
+    # 6. The adapter, its card and the resolved recipe.
+    path = out_dir / WEIGHTS_NAME
+    if main:
+        path = write_adapter(out_dir, t.steps)
+        places = {
+            "adapter": path.parent,
+            "checkpoints": checkpoints if checkpoint_dirs(checkpoints) else None,
+            "samples": out_dir / "samples" if validation else None,
+            "logs": f"{out_dir / 'logs'} (tensorboard --logdir {out_dir / 'logs'})",
+        }
+        say(summary(t.steps, time.perf_counter() - began, skipped, val_losses, places))
+        if losses:
+            tail = losses[-max(1, len(losses) // 10) :]
+            say(f"loss {losses[0]:.4f} at the first step -> {sum(tail) / len(tail):.4f} over the last steps")
+    accelerator.wait_for_everyone()
     return path
-
-
-@torch.no_grad()
-def fixed_noise_loss(
-    transformer, family, files: list[Path], text_length: int, seed: int = 0, sigmas=(0.25, 0.5, 0.75)
-):
-    """Flow loss on cached items at fixed sigmas and fixed noise: a learning signal without sampling noise
-    (the training loss jumps with each step's random sigma and noise)."""
-    from safetensors.torch import load_file
-
-    param = next(transformer.parameters())
-    generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for path in files:
-        batch = collate([load_file(str(path))], text_length)
-        x0 = batch["latents"].to(param.device, torch.float32)
-        text = batch["text"].to(param.device, torch.float32)
-        for sigma in sigmas:
-            s = torch.tensor([sigma])
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            prediction = family.predict(
-                transformer, flow.add_noise(x0, noise, s), flow.timesteps_from_sigmas(s), text
-            )
-            total += flow.flow_loss(prediction, flow.velocity_target(x0, noise)).item()
-            count += 1
-    return total / count

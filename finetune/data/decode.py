@@ -1,7 +1,16 @@
-"""Turn one media file into the tensor the VAE encodes: (3, F, H, W) float32 in [-1, 1]."""
+"""Media files to VAE-ready tensors: (3, F, H, W) float32 in [-1, 1].
+
+`probe` reads what planning needs (displayed size, readable frame count, fps) without decoding more than the
+first frame. `decode_windows` decodes a video once, front to back, and yields each requested window as soon as
+its last frame is in. Every frame is scaled down by FFmpeg's swscale straight from the decoder's YUV picture to
+the bucket's size and cropped, so a 1920x1080 source never exists as a full-size RGB array: memory is one decoded
+YUV frame plus the window's small frames, whatever the source resolution.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -20,61 +29,170 @@ _DECODE_ERRORS = (
     SyntaxError,
     Image.DecompressionBombError,
 )
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
 class MediaError(Exception):
     """A file that can't be used; the message is the short reason, read after the file's path."""
 
 
-def load_clip(path: Path, width: int, height: int, frames: int) -> torch.Tensor:
-    """The first `frames` frames of a video, resized to cover width×height and center-cropped.
+@dataclass(frozen=True)
+class MediaInfo:
+    width: int  # as displayed (EXIF rotation applied for images)
+    height: int
+    frames: int  # frames that can actually be read (1 for an image)
+    fps: float | None  # None for images and streams that do not say
+    is_image: bool
+    header_frames: int = 0  # frames the container claims; more than `frames` means a truncated file
 
-    An image always gives F=1 whatever `frames` says: the caller decides whether a single frame is
-    wanted (image training, i2v conditioning) or should be rejected.
-    Raises MediaError for anything that can't be decoded or is too short.
-    """
+    @property
+    def seconds(self) -> float | None:
+        return self.frames / self.fps if self.fps else None
+
+
+def probe(path: Path) -> MediaInfo:
+    """Size, length and rate of a media file. Raises MediaError with the reason for anything unusable."""
     path = Path(path)
     try:
         if path.suffix.lower() in IMAGE_EXTS:
-            with Image.open(path) as image:
-                # Phone photos store "rotate me" in EXIF; without this they train sideways.
-                pictures = [ImageOps.exif_transpose(image).convert("RGB")]
-        else:
-            pictures = _decode_video(path, frames)
-        # ImageOps.fit crops the source box first and resizes only that, which equals
-        # scale-to-cover then center-crop without resizing pixels that are thrown away.
-        arrays = [
-            np.asarray(ImageOps.fit(p, (width, height), Image.Resampling.BICUBIC, centering=(0.5, 0.5)))
-            for p in pictures
-        ]
+            return _probe_image(path)
+        return _probe_video(path)
+    except PermissionError:
+        raise MediaError("cannot be read (permission denied)") from None
     except _DECODE_ERRORS as e:
         raise MediaError(f"cannot be decoded: {_short(e, path)}") from e
 
+
+def _probe_image(path: Path) -> MediaInfo:
+    with Image.open(path) as image:
+        image.verify()  # walks the file's structure (PNG: every chunk's CRC) without decoding pixels
+    with Image.open(path) as image:  # verify() leaves the image unusable: open it again for the facts
+        width, height = image.size
+        if image.getexif().get(0x0112) in _ROTATED:
+            width, height = height, width
+    return MediaInfo(width, height, 1, None, True, 1)
+
+
+def _probe_video(path: Path) -> MediaInfo:
+    with av.open(str(path)) as container:
+        stream = _video_stream(container)
+        header = stream.frames or 0  # 0 when the container does not say (mkv, webm, gif)
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else None
+        # Counting packets reads the file but decodes nothing; a truncated file yields fewer than its header.
+        packets = 0
+        try:
+            for packet in container.demux(stream):
+                packets += packet.size > 0
+        except av.error.FFmpegError:
+            pass  # a damaged tail: the packets before it still count
+    with av.open(str(path)) as container:
+        stream = _video_stream(container)
+        first = next(iter(container.decode(stream)), None)  # proves the codec really decodes this file
+        if first is None:
+            raise MediaError("cannot be decoded: no video frames")
+        width, height = first.width, first.height
+    return MediaInfo(width, height, packets, fps, False, header)
+
+
+def _video_stream(container) -> av.VideoStream:
+    if not any(s.type in ("video", "audio") for s in container.streams):  # an .mp4 cut before its index
+        raise MediaError("has no audio or video streams (a truncated or damaged file?)")
+    if not container.streams.video:
+        raise MediaError("has no video stream")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise MediaError("uses a video codec this FFmpeg build cannot decode")
+    stream.thread_type = "AUTO"  # frame + slice threads inside FFmpeg; the GIL is released while it works
+    return stream
+
+
+def load_image(path: Path, width: int, height: int) -> torch.Tensor:
+    """(3, 1, H, W): the image scaled to cover width x height, center-cropped."""
+    try:
+        with Image.open(path) as image:
+            # Phone photos store "rotate me" in EXIF; without this they train sideways.
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+        # ImageOps.fit crops the source box first and resizes only that, which equals scale-to-cover then
+        # center-crop without resizing pixels that are thrown away.
+        array = np.asarray(
+            ImageOps.fit(upright, (width, height), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+        )
+    except PermissionError:
+        raise MediaError("cannot be read (permission denied)") from None
+    except _DECODE_ERRORS as e:
+        raise MediaError(f"cannot be decoded: {_short(e, path)}") from e
+    return _to_tensor([array])
+
+
+def decode_windows(
+    path: Path, windows: list[tuple[int, ...]], width: int, height: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yields (window number, (3, F, H, W) tensor) for each window of source frame indices, in the order the
+    windows complete. Decoding stops after the last needed frame; frames are dropped once no pending window
+    needs them (a `chain` over a long clip holds one window's frames, not the clip's)."""
+    path = Path(path)
+    pending = sorted(range(len(windows)), key=lambda w: max(windows[w]))
+    needed = {i for window in windows for i in window}
+    last = max(needed)
+    kept: dict[int, np.ndarray] = {}
+    decoded = 0
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(container)
+            for frame in container.decode(stream):
+                if decoded in needed:
+                    kept[decoded] = _fit(frame, width, height)
+                decoded += 1
+                while pending and max(windows[pending[0]]) < decoded:
+                    number = pending.pop(0)
+                    yield number, _to_tensor([kept[i] for i in windows[number]])
+                    oldest = min((min(windows[w]) for w in pending), default=decoded)
+                    kept = {i: a for i, a in kept.items() if i >= oldest}
+                if decoded > last:
+                    return  # long clips: stop decoding once we have what training uses
+    except PermissionError:
+        raise MediaError("cannot be read (permission denied)") from None
+    except _DECODE_ERRORS as e:
+        raise MediaError(f"cannot be decoded after {decoded} frames: {_short(e, path)}") from e
+    if decoded == 0:
+        raise MediaError("cannot be decoded: no video frames")
+    raise MediaError(f"has {decoded} frames; needs {last + 1}")
+
+
+def _fit(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+    """Scale to cover width x height (swscale, from YUV) and center-crop: (height, width, 3) uint8."""
+    scale = max(width / frame.width, height / frame.height)
+    cover_w = max(width, round(frame.width * scale))
+    cover_h = max(height, round(frame.height * scale))
+    small = frame.reformat(
+        width=cover_w, height=cover_h, format="rgb24", interpolation="BICUBIC"
+    ).to_ndarray()
+    top, left = (cover_h - height) // 2, (cover_w - width) // 2
+    return small[top : top + height, left : left + width]
+
+
+def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     video = torch.from_numpy(np.stack(arrays))  # (F, H, W, 3) uint8
     return video.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _decode_video(path: Path, frames: int) -> list[Image.Image]:
-    # GIF goes through here too: FFmpeg's gif decoder composites the frames to full RGB images.
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise MediaError("has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        pictures = []
-        for frame in container.decode(stream):
-            pictures.append(frame.to_image())
-            if len(pictures) == frames:
-                break  # long clips: stop decoding once we have what training uses
-    if not pictures:
-        raise MediaError("cannot be decoded: no video frames")
-    if len(pictures) < frames:
-        raise MediaError(f"has {len(pictures)} frames; needs {frames}")
-    return pictures
+def load_clip(path: Path, width: int, height: int, frames: int) -> torch.Tensor:
+    """The first `frames` frames of a video (or an image as F=1), covering width x height, center-cropped.
+
+    An image always gives F=1 whatever `frames` says: the caller decides whether a single frame is wanted.
+    Raises MediaError for anything that can't be decoded or is too short.
+    """
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_EXTS:
+        return load_image(path, width, height)
+    for _, video in decode_windows(path, [tuple(range(frames))], width, height):
+        return video
+    raise AssertionError("decode_windows yields the window or raises")  # pragma: no cover
 
 
 def _short(error: Exception, path: Path) -> str:
     # FFmpeg errors carry "[Errno N] reason: 'path'" and PIL's end in the quoted path; the caller
     # prints the path already, so the reason alone is what the user needs.
     text = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return text.replace(f" {str(path)!r}", "").strip().splitlines()[0]
+    return text.replace(f" {str(path)!r}", "").replace(f": {str(path)!r}", "").strip().splitlines()[0]

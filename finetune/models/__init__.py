@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,11 @@ class Family:
     encode_video: Callable[[Any, torch.Tensor], torch.Tensor]
     predict: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     load_pipeline: Callable[[Source, torch.dtype], Any]
+    # Optional facts; the defaults describe a flow-matching text-to-video family such as Wan 2.1 T2V.
+    objective: str = "flow"  # "flow" (velocity, sigma in (0, 1)) | "v_prediction" (DDPM alphas: CogVideoX)
+    # Generation modes `finetune generate` can run: mode -> fn(pipeline, inputs) -> (pipeline to call, extra
+    # call kwargs). "t2v" always; "image", "last_image", "video" (SDEdit), "extend" where the family can.
+    modes: dict[str, Callable[[Any, Any], tuple[Any, dict[str, Any]]]] = field(default_factory=dict)
 
     def valid_frames(self, frames: int) -> int:
         """The largest valid frame count not above `frames` (an image is 1 frame)."""
@@ -80,9 +85,13 @@ def loading(what: str, where: str) -> Iterator[None]:
 
 
 def _registry() -> dict[str, Family]:
-    from finetune.models import wan
+    from finetune.models import cogvideox, ltx, wan
 
-    return {"wan": wan.FAMILY}
+    return {"wan": wan.FAMILY, "ltx": ltx.FAMILY, "cogvideox": cogvideox.FAMILY}
+
+
+def families_with_mode(mode: str) -> list[str]:
+    return sorted(name for name, family in _registry().items() if mode in family.modes)
 
 
 def get_family(name: str) -> Family:
@@ -152,3 +161,14 @@ def family_for(cfg: ModelConfig, source: Source) -> Family:
     raise UserError(
         f"model.family: cannot tell the family of '{source.base}' (pipeline '{pipeline}'); set it"
     )
+
+
+def load_scheduler_config(base: str) -> dict[str, Any]:
+    """The base pipeline's scheduler/scheduler_config.json (local folder or the local hub cache)."""
+    local = Path(base) / "scheduler" / "scheduler_config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    with loading("the scheduler config", base):
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(base, "scheduler/scheduler_config.json")).read_text())

@@ -134,6 +134,13 @@ def load_pipeline(source: Source, dtype: torch.dtype):
         return WanPipeline.from_pretrained(source.base, **dtype_kwarg("diffusers", dtype))
 
 
+def _video(pipe, inputs):
+    """SDEdit through WanVideoToVideoPipeline (same modules): the clip's latents noised to `strength`."""
+    from diffusers import WanVideoToVideoPipeline
+
+    return WanVideoToVideoPipeline.from_pipe(pipe), {"video": inputs.video, "strength": inputs.strength}
+
+
 FAMILY = Family(
     name="wan",
     pipeline_classes=("WanPipeline",),
@@ -149,4 +156,5 @@ FAMILY = Family(
     encode_video=encode_video,
     predict=predict,
     load_pipeline=load_pipeline,
+    modes={"t2v": lambda pipe, inputs: (pipe, {}), "video": _video},
 )

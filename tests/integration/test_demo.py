@@ -1,23 +1,36 @@
-"""`finetune demo` runs the real path end to end (a shortened run) and the adapter measurably learns."""
+"""`finetune demo` runs the real path end to end (a shortened run): files, metrics and report agree."""
 
 import json
 
+import numpy as np
+
 from finetune.cli import main
-from finetune.demo import run_demo
+from finetune.demo import HELD_OUT, run_demo
+from finetune.demo_world import CAPTIONS
 
 
 def test_demo_runs_end_to_end_and_learns(tmp_path):
-    result = run_demo(tmp_path, steps=60)
-    # The flow loss on the training clips at fixed noise must fall by over 15% (measured: ~40% after
-    # 150 steps, ~25% after 60).
-    assert result["fixed_noise_loss_adapter"] < 0.85 * result["fixed_noise_loss_base"]
+    result = run_demo(tmp_path, steps=40, seeds=1)
+    # The flow loss on the training clips at fixed noise must fall (measured ~25% after 60 steps on the random
+    # base; the style clips are far from anything either base has seen, so the first steps are the steepest).
+    assert result["fixed_noise_loss_adapter"] < 0.9 * result["fixed_noise_loss_base"]
     assert json.loads((tmp_path / "metrics.json").read_text()) == result
+    for key in ("style_base", "style_adapter", "style_target", "content_base", "content_adapter"):
+        assert np.isfinite(result[key]), key
+    # The style set is measured from its own clips: its spread around its own mean is small next to the gap to
+    # a different world; contents are shares of three attributes.
+    assert 0 <= result["style_target"] < 0.1
+    assert 0 <= result["content_base"] <= 1 and 0 <= result["content_adapter"] <= 1
+    names = sorted(f"{p.replace(' ', '_')}_seed0.mp4" for p in HELD_OUT)
     for label in ("base", "adapter"):
-        videos = sorted(p.name for p in (tmp_path / "samples" / label).glob("*.mp4"))
-        assert videos == ["a_blue_circle_moving_left.mp4", "a_yellow_square_moving_up.mp4"]
+        assert sorted(p.name for p in (tmp_path / "samples" / label).glob("*.mp4")) == names
+    assert not set(HELD_OUT) & {p.read_text().strip() for p in (tmp_path / "data").glob("*.txt")}
     assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "samples" / "before_after.gif").is_file()
     report = (tmp_path / "report.md").read_text()
-    assert "_before_after.gif" in report and str(result["fixed_noise_loss_adapter"]) in report
+    assert "before_after.gif" in report and str(result["style_adapter"]) in report
+    assert str(result["content_base"]) in report and "loss.png" in report
 
 
 def test_check_data_reports_usable_clips(tmp_path, capsys):
@@ -27,8 +40,9 @@ def test_check_data_reports_usable_clips(tmp_path, capsys):
     write_style_clips(tmp_path / "data")
     write_corrupt(tmp_path / "data" / "zz_broken.mp4")
     assert (
-        main(["check-data", str(tmp_path / "data"), "data.width=64", "data.height=64", "data.frames=17"]) == 0
+        main(["check-data", str(tmp_path / "data"), "data.width=32", "data.height=32", "data.frames=5"]) == 0
     )
     err = capsys.readouterr().err
-    assert "31 files (31 videos, 0 images), 30 usable at 64x64, 17 frames" in err
+    clips = len(CAPTIONS) - len(HELD_OUT)
+    assert f"{clips + 1} files ({clips + 1} videos, 0 images), {clips} usable at 32x32, 5 frames" in err
     assert "zz_broken.mp4: cannot be decoded" in err

@@ -84,9 +84,11 @@ def test_adapter_folder_is_complete(world):
     assert {"pytorch_lora_weights.safetensors", "README.md", "recipe.yaml", "logs", "checkpoints"} <= set(
         names
     )
-    assert sorted(p.name for p in (adapter / "checkpoints").iterdir()) == ["step-10", "step-5"]
+    # save_every=5 over 12 steps: 5, 10 and the last step (a finished run can be continued with train.resume).
+    assert sorted(p.name for p in (adapter / "checkpoints").iterdir()) == ["step-10", "step-12", "step-5"]
     checkpoint = sorted((adapter / "checkpoints" / "step-5").iterdir())
-    assert [p.name for p in checkpoint] == ["README.md", "pytorch_lora_weights.safetensors", "recipe.yaml"]
+    assert [p.name for p in checkpoint] == ["README.md", "pytorch_lora_weights.safetensors", "recipe.yaml",
+                                            "training_state.json", "training_state.safetensors"]  # fmt: skip
     from finetune.lora import adapter_info
 
     assert adapter_info(adapter / "checkpoints" / "step-5")["steps"] == 5

@@ -1,0 +1,616 @@
+"""`finetune estimate`: peak GPU memory for caching, training and generation, predicted on the CPU in seconds.
+
+How: the real-size model is built from its shipped config (finetune/models/configs, no weights downloaded) on
+fake tensors (torch FakeTensorMode: shapes and dtypes, no storage, no compute), the recipe's memory plan is
+applied through the same code that training uses (fp8 casting, gradient checkpointing, LoRA in the compute
+dtype), and one whole training step is run. A small dispatch mode adds each new tensor storage's bytes and
+subtracts them when the storage dies (weakref finalizers), so its peak is what the CUDA caching allocator would
+have had allocated. What the trace cannot see is added analytically and named in `assumptions`: bitsandbytes
+nf4/int8 layers (traced as fp8, then re-priced), blocks in host memory (block swap), the CUDA context and an
+allocator/workspace margin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from finetune.config import Recipe
+from finetune.errors import UserError
+
+GiB = 2**30
+CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN handles: outside PyTorch's allocator, inside the card
+MARGIN = (
+    0.08  # allocator slack (reserved above allocated) and kernel workspaces, as a share of the traced peak
+)
+CONFIGS = Path(__file__).parent / "models" / "configs"
+# Bytes per weight of a bitsandbytes layer: nf4 packs two weights per byte plus its block scales (64 weights
+# per 8-bit absmax, double-quantized); int8 stores one byte plus one fp32 scale per output row.
+QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live tensor-storage bytes by tag (weights, lora, grads, optimizer, activations; `host` is not on the
+    GPU), with the peak and what was live at the peak. Storages are counted once however many views share
+    them, and leave the count when Python frees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {"weights": 0, "lora": 0, "grads": 0, "optimizer": 0, "activations": 0}
+        self.host = 0
+        self.host_peak = 0
+        self.peak = 0
+        self.at_peak: dict[str, int] = dict(self.live)
+        self._tags: dict[int, tuple[str, int]] = {}  # id(storage) -> (tag, bytes)
+        self._refs: dict[int, weakref.ref] = {}
+
+    def device_bytes(self) -> int:
+        return sum(self.live.values())
+
+    def add(self, tensor: torch.Tensor, tag: str = "activations") -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._tags:
+            return
+        size = storage.nbytes()
+        self._tags[key] = (tag, size)
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+        self._count(tag, size)
+
+    def retag(self, tensor: torch.Tensor, tag: str) -> None:
+        key = id(tensor.untyped_storage())
+        if key not in self._tags:
+            return self.add(tensor, tag)
+        old, size = self._tags[key]
+        self._count(old, -size)
+        self._tags[key] = (tag, size)
+        self._count(tag, size)
+
+    def _count(self, tag: str, size: int) -> None:
+        if tag == "host":
+            self.host += size
+            self.host_peak = max(self.host_peak, self.host)
+            return
+        self.live[tag] += size
+        total = self.device_bytes()
+        if total > self.peak:
+            self.peak = total
+            self.at_peak = dict(self.live)
+
+    def _free(self, key: int) -> None:
+        tag, size = self._tags.pop(key)
+        self._refs.pop(key, None)
+        self._count(tag, -size)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+@contextlib.contextmanager
+def fake_mode(dtype: torch.dtype = torch.bfloat16):
+    """Fake CPU tensors, new parameters created directly in `dtype` (a .to() on fake modules cannot swap)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    previous = torch.get_default_dtype()
+    with FakeTensorMode():
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def _read(name: str) -> dict:
+    return {k: v for k, v in json.loads((CONFIGS / name).read_text()).items() if not k.startswith("_")}
+
+
+def model_configs(recipe: Recipe) -> tuple[str, dict, dict, dict]:
+    """(label, transformer config, text encoder config, VAE config): from a local diffusers folder when
+    `model.path` is one, else the shipped config of the hub model it names."""
+    folder = Path(recipe.model.base or recipe.model.path).expanduser()
+    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
+    if "14b" in name:
+        label, shipped = "Wan2.1 T2V 14B", "wan2.1-t2v-14b.transformer.json"
+    elif "1.3b" in name or "1_3b" in name:
+        label, shipped = "Wan2.1 T2V 1.3B", "wan2.1-t2v-1.3b.transformer.json"
+    else:
+        label, shipped = None, None
+    local = folder / "transformer" / "config.json"
+    if local.is_file():
+        transformer = {k: v for k, v in json.loads(local.read_text()).items() if not k.startswith("_")}
+        label = label or str(folder)
+    elif shipped:
+        transformer = _read(shipped)
+    else:
+        raise UserError(
+            f"model.path: no config known for '{recipe.model.path}' (estimate knows Wan2.1 T2V 1.3B and 14B, "
+            "or a local diffusers folder with transformer/config.json)"
+        )
+
+    def part(sub: str, fallback: str) -> dict:
+        path = folder / sub / "config.json"
+        if path.is_file():
+            return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        return _read(fallback)
+
+    return label, transformer, part("text_encoder", "umt5-xxl.encoder.json"), part("vae", "wan2.1.vae.json")
+
+
+def keep_in_fp32(model: torch.nn.Module) -> None:
+    """What from_pretrained(dtype=bf16) does: the model's `_keep_in_fp32_modules` (Wan: norms, modulation
+    tables, time embedder, rope) stay fp32. Works on fake tensors, where Module.to() cannot."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and any(k in name.split(".") for k in keep):
+            param.data = param.data.float()
+
+
+def plan_recipe(recipe: Recipe, **memory) -> Recipe:
+    tree = recipe.model_dump()
+    tree["memory"].update(memory)
+    return Recipe.model_validate(tree)
+
+
+@dataclass
+class TrainTrace:
+    peak: int  # bytes on the GPU at the peak, after the analytic adjustments
+    at_peak: dict[str, int]
+    host_offloaded: int  # peak bytes of activations waiting in host memory
+    swapped: int  # bytes of frozen block weights kept in host memory
+    weights_full: int  # all frozen weights at their storage dtype after the plan
+    loaded: int  # the model as loaded (compute dtype) on the host, before the plan
+    assumptions: list[str] = field(default_factory=list)
+
+
+def trace_training(
+    recipe: Recipe, transformer_config: dict, latent: tuple[int, ...], exact: bool = False
+) -> TrainTrace:
+    """Peak training memory of the transformer under the recipe's plan.
+
+    Every block is the same, so each byte count is affine in the number of blocks N: the step is traced with 2
+    and 3 blocks at the full sequence length and extended to N (tests check this against a whole-model trace).
+    That is ~10x faster than tracing all 30-40 blocks. `exact=True` traces the whole model."""
+    layers = transformer_config["num_layers"]
+    if exact or layers <= 3:
+        raw = _trace_raw(recipe, transformer_config, latent)
+    else:
+        two = _trace_raw(recipe, {**transformer_config, "num_layers": 2}, latent)
+        three = _trace_raw(recipe, {**transformer_config, "num_layers": 3}, latent)
+        raw = {k: two[k] + (layers - 2) * (three[k] - two[k]) for k in two}
+        raw["block_frozen"], raw["linear_params"] = (
+            three["block_frozen"],
+            three["linear_params"] * layers // 3,
+        )
+    mem = recipe.memory
+    notes = (
+        []
+        if exact or layers <= 3
+        else [
+            f"traced with 2 and 3 blocks, extended to {layers} (each byte count is affine in the block count)"
+        ]
+    )
+    peak, weights_full, block_frozen = raw["peak"], raw["weights_full"], raw["block_frozen"]
+    at_peak = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("at_peak.")}
+    if mem.base_dtype in QUANT_BYTES:
+        delta = int(raw["linear_params"] * (QUANT_BYTES[mem.base_dtype] - 1.0))
+        peak += delta
+        at_peak["weights"] += delta
+        weights_full += delta
+        block_frozen += int(delta / layers)
+        notes.append(
+            f"{mem.base_dtype}: traced as fp8 (bitsandbytes has no fake-tensor kernels), block linear weights "
+            f"re-priced at {QUANT_BYTES[mem.base_dtype]:.3f} bytes each"
+        )
+    swapped = 0
+    if mem.blocks_to_swap:
+        # At most two swapped blocks are on the GPU at once (the one computing, the one being copied in).
+        n = min(mem.blocks_to_swap, layers)
+        swapped = n * block_frozen
+        saving = max(0, n - 2) * block_frozen
+        peak -= saving
+        at_peak["weights"] -= saving
+        notes.append(
+            f"block swap: {n} blocks x {block_frozen / GiB:.2f} GiB in pinned host memory, 2 in flight on the GPU"
+        )
+    if mem.activation_offload:
+        notes.append(
+            "activation offload: saved tensors copied to host in the trace, brought back for backward"
+        )
+    return TrainTrace(
+        int(peak),
+        {k: int(v) for k, v in at_peak.items()},
+        int(raw["host_peak"]),
+        int(swapped),
+        int(weights_full),
+        int(raw["loaded"]),
+        notes,
+    )
+
+
+def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]) -> dict[str, float]:
+    """One training step (forward + backward, optimizer state live) on fake tensors, with the recipe's plan
+    applied by memory.apply_memory_plan / lora.add_lora. Byte counts, before the analytic adjustments."""
+    from diffusers import WanTransformer3DModel
+
+    from finetune import flow
+    from finetune.lora import add_lora, target_modules
+    from finetune.memory import apply_memory_plan, blocks_of
+    from finetune.models import get_family
+
+    family = get_family(recipe.model.family or "wan")
+    mem = recipe.memory
+    quantized = mem.base_dtype in QUANT_BYTES
+    # The trace itself runs the fp8 path for nf4/int8 (bitsandbytes kernels have no fake-tensor support):
+    # same 1-byte-class storage and per-layer upcast; the weight bytes are re-priced below.
+    traced = plan_recipe(
+        recipe, base_dtype="fp8" if quantized else mem.base_dtype, blocks_to_swap=0, activation_offload=False
+    )
+    with fake_mode(torch.bfloat16), _fake_module_to():
+        transformer = WanTransformer3DModel(**transformer_config)
+        keep_in_fp32(transformer)
+        # What `finetune train` holds on the host after loading, before the plan casts or places anything.
+        loaded = sum(
+            t.untyped_storage().nbytes() for t in [*transformer.parameters(), *transformer.buffers()]
+        )
+        apply_memory_plan(transformer, traced, torch.device("cpu"), family)
+        add_lora(transformer, recipe.lora, target_modules(family, transformer, recipe.lora.targets))
+        for module in transformer.modules():  # as MemoryPlan.finish does for a bf16 compute dtype
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+        transformer.train()
+        blocks = blocks_of(transformer, family.blocks_attr)
+        lora = [p for p in transformer.parameters() if p.requires_grad]
+        block_linears = [
+            m.weight for b in blocks for m in b.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad
+        ]  # fmt: skip
+        block_frozen = sum(
+            p.untyped_storage().nbytes() for p in blocks[0].parameters() if not p.requires_grad
+        )
+
+        tracker = LiveBytes()
+        with tracker:
+            for p in list(transformer.parameters()) + list(transformer.buffers()):
+                tracker.add(p, "lora" if p.requires_grad else "weights")
+            weights_full = tracker.live["weights"]
+            # Optimizer state lives through every step after the first: count it from the start.
+            states = []
+            for p in lora:
+                if recipe.train.optimizer == "adamw":
+                    states.append(torch.empty(2 * p.numel(), dtype=torch.float32))
+                else:  # two uint8 moments + one fp32 absmax per 256 values each (bitsandbytes blockwise)
+                    states.append(
+                        torch.empty(2 * p.numel() + 8 * math.ceil(p.numel() / 256), dtype=torch.uint8)
+                    )
+                tracker.retag(states[-1], "optimizer")
+            for p in lora:
+                p.register_post_accumulate_grad_hook(lambda p: tracker.retag(p.grad, "grads"))
+
+            x0 = torch.randn(latent, dtype=torch.bfloat16)
+            text = torch.randn(latent[0], recipe.cache.max_sequence_length, transformer_config["text_dim"])
+            noise = torch.randn_like(x0)
+            sigmas = torch.full((latent[0],), 0.5)
+            offload = _offload_hooks(tracker) if mem.activation_offload else contextlib.nullcontext()
+            # CPU autocast stands in for CUDA autocast (accelerate's bf16 mixed precision): matmuls in bf16.
+            with torch.autocast("cpu", dtype=torch.bfloat16), offload:
+                prediction = family.predict(
+                    transformer, flow.add_noise(x0, noise, sigmas), flow.timesteps_from_sigmas(sigmas), text
+                )
+            loss = flow.flow_loss(prediction, flow.velocity_target(x0, noise))
+            del prediction
+            loss.backward()
+            # The optimizer step comes after backward freed the activations: weights + LoRA + grads + state
+            # + one fp32 temporary per LoRA weight (torch's foreach AdamW).
+            step = tracker.device_bytes() + tracker.live["lora"]
+        peak, at_peak = tracker.peak, dict(tracker.at_peak)
+        if step > peak:
+            peak, at_peak = (
+                step,
+                {**tracker.live, "activations": tracker.live["activations"] + tracker.live["lora"]},
+            )
+    # fp8 layers re-store their weights after each upcast, so the traced storages of frozen weights migrate
+    # between tags; at rest they are always `weights_full`: everything else at the peak is activations.
+    at_peak["activations"] = (
+        peak - weights_full - sum(v for k, v in at_peak.items() if k not in ("weights", "activations"))
+    )
+    at_peak["weights"] = weights_full
+
+    return {
+        "peak": peak,
+        **{f"at_peak.{k}": v for k, v in at_peak.items()},
+        "host_peak": tracker.host_peak,
+        "weights_full": weights_full,
+        "block_frozen": block_frozen,
+        "linear_params": sum(w.numel() for w in block_linears),
+        "loaded": loaded,
+    }
+
+
+def _fake_safe_to(self, *args, **kwargs):
+    """Module.to for fake parameters: Module.to() swaps fake tensors (and fails on any that has a weakref);
+    assigning `.data` casts in place the way it does for real tensors. Device moves are not needed (all CPU)."""
+    dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+    if dtype is not None:
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
+    return self
+
+
+@contextlib.contextmanager
+def _fake_module_to():
+    """peft (placing new LoRA layers) and diffusers' layerwise casting (fp8 <-> bf16 around each layer) call
+    Module.to on the fake model; route those calls through _fake_safe_to for the duration of a trace."""
+    original = torch.nn.Module.to
+    torch.nn.Module.to = _fake_safe_to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original
+
+
+def _offload_hooks(tracker: LiveBytes):
+    """What torch.autograd.graph.save_on_cpu does, on fake CPU tensors (where .cpu() would not copy)."""
+
+    def pack(t: torch.Tensor):
+        host = torch.empty_like(t)
+        host.copy_(t)
+        tracker.retag(host, "host")
+        return host
+
+    def unpack(host: torch.Tensor):
+        return host.clone()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _no_grad_peak(build, run) -> tuple[int, int]:
+    """(weights, peak) bytes of a no-grad run of a model built on fake tensors."""
+    with fake_mode(torch.bfloat16):
+        model = build()
+        tracker = LiveBytes()
+        with tracker, torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                tracker.add(t, "weights")
+            run(model)
+        return tracker.live["weights"], tracker.peak
+
+
+def _by_layers(measure, config: dict, *args) -> tuple[int, int]:
+    """(weights, peak) of a stack of identical layers, measured with 2 and 3 layers and extended to all of
+    them: weights grow by one layer each, a no-grad peak by one layer's weights (activations are freed)."""
+    two = measure({**config, "num_layers": 2}, *args)
+    three = measure({**config, "num_layers": 3}, *args)
+    n = config["num_layers"]
+    return tuple(a + (n - 2) * (b - a) for a, b in zip(two, three, strict=True))
+
+
+def _text_encoder(config: dict, tokens: int) -> tuple[int, int]:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    def build():
+        model = UMT5EncoderModel(UMT5Config(**config))
+        for name, module in model.named_modules():  # from_pretrained keeps T5's `wo` in fp32 (overflow)
+            if name.endswith(".wo") and isinstance(module, torch.nn.Linear):
+                module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=torch.float32))
+        return model.eval()
+
+    def run(model):
+        model(torch.zeros(1, tokens, dtype=torch.long), torch.ones(1, tokens, dtype=torch.long))
+
+    return _no_grad_peak(build, run)
+
+
+def _vae(config: dict, video: tuple[int, ...], tiling: bool, decode: bool, dtype: torch.dtype):
+    from diffusers import AutoencoderKLWan
+
+    def build():
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            vae = AutoencoderKLWan(**config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        if tiling:
+            vae.enable_tiling()
+        return vae
+
+    def run(vae):
+        b, _, f, h, w = video
+        if decode:
+            vae.decode(torch.randn(b, config["z_dim"], (f - 1) // 4 + 1, h // 8, w // 8, dtype=dtype))
+        else:
+            vae.encode(torch.randn(video, dtype=dtype))
+
+    return _no_grad_peak(build, run)
+
+
+def _transformer_forward(config: dict, latent: tuple[int, ...], text_len: int) -> tuple[int, int]:
+    from diffusers import WanTransformer3DModel
+
+    def run(model):
+        model(
+            hidden_states=torch.randn(latent),
+            timestep=torch.tensor([500.0]),
+            encoder_hidden_states=torch.randn(latent[0], text_len, config["text_dim"]),
+            return_dict=False,
+        )
+
+    def build():
+        model = WanTransformer3DModel(**config).eval()
+        keep_in_fp32(model)
+        return model
+
+    return _no_grad_peak(build, run)
+
+
+@dataclass
+class Estimate:
+    model: str
+    width: int
+    height: int
+    frames: int
+    tokens: int
+    train_peak_gb: float
+    cache_peak_gb: float
+    generate_peak_gb: float
+    host_train_gb: float
+    breakdown: dict[str, dict[str, float]]
+    assumptions: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _gb(n: float) -> float:
+    return round(n / GiB, 2)
+
+
+def _with_overheads(allocated: int) -> tuple[float, dict[str, float]]:
+    margin = allocated * MARGIN
+    total = allocated + margin + CUDA_CONTEXT_GIB * GiB
+    return _gb(total), {"workspace_margin": _gb(margin), "cuda_context": CUDA_CONTEXT_GIB}
+
+
+def estimate(recipe: Recipe) -> Estimate:
+    from finetune.models import get_family
+
+    family = get_family(recipe.model.family or "wan")
+    label, tcfg, te_cfg, vae_cfg = model_configs(recipe)
+    frames = family.valid_frames(recipe.data.frames)
+    width, height = recipe.data.width, recipe.data.height
+    t_stride, s_stride = family.vae_stride
+    latent = (
+        recipe.train.batch_size,
+        tcfg["in_channels"],
+        (frames - 1) // t_stride + 1,
+        height // s_stride,
+        width // s_stride,
+    )
+    pt, ph, pw = family.patch
+    tokens = latent[2] // pt * (latent[3] // ph) * (latent[4] // pw)
+    text_len = recipe.cache.max_sequence_length
+    mem = recipe.memory
+
+    # Training: the transformer only (the cache stage has freed the encoders before it loads).
+    tr = trace_training(recipe, tcfg, latent)
+    train_gb, train_over = _with_overheads(tr.peak)
+    train = {**{k: _gb(v) for k, v in tr.at_peak.items()}, **train_over, "total": train_gb}
+
+    # Caching: text encoder and VAE are resident together (cache.py loads both), one runs at a time.
+    te_weights, te_peak = _by_layers(_text_encoder, te_cfg, text_len)
+    te_act = te_peak - te_weights
+    if mem.text_encoder == "cpu":
+        te_gpu, te_act = 0, 0
+    elif mem.text_encoder == "int8":
+        te_gpu = _int8_weights(te_cfg)
+    else:
+        te_gpu = te_weights
+    vae_w, vae_peak = _vae(vae_cfg, (1, 3, frames, height, width), mem.vae_tiling, False, torch.float32)
+    cache_alloc = te_gpu + vae_w + max(te_act, vae_peak - vae_w)
+    cache_gb, cache_over = _with_overheads(cache_alloc)
+    cache = {
+        "text_encoder_weights": _gb(te_gpu),
+        "text_encoder_activations": _gb(te_act),
+        "vae_weights": _gb(vae_w),
+        "vae_encode_activations": _gb(vae_peak - vae_w),
+        **cache_over,
+        "total": cache_gb,
+    }
+
+    # Generation (`finetune generate`): the whole bf16 pipeline on the GPU, one component running at a time.
+    gen_latent = (1, *latent[1:])
+    tf_w, tf_peak = _by_layers(_transformer_forward, tcfg, gen_latent, text_len)
+    dvae_w, dvae_peak = _vae(vae_cfg, (1, 3, frames, height, width), False, True, torch.bfloat16)
+    gen_alloc = te_weights + tf_w + dvae_w + max(te_peak - te_weights, tf_peak - tf_w, dvae_peak - dvae_w)
+    gen_gb, gen_over = _with_overheads(gen_alloc)
+    generate = {
+        "text_encoder_weights": _gb(te_weights),
+        "transformer_weights": _gb(tf_w),
+        "vae_weights": _gb(dvae_w),
+        "denoise_activations": _gb(tf_peak - tf_w),
+        "vae_decode_activations": _gb(dvae_peak - dvae_w),
+        **gen_over,
+        "total": gen_gb,
+    }
+    # The cache stage has freed the encoders before training loads the transformer.
+    host = max(tr.loaded, tr.swapped + tr.host_offloaded)
+    assumptions = [
+        "fake-tensor trace of one real training step (forward + backward) at the recipe's size; GiB = 2^30 bytes",
+        f"CUDA context {CUDA_CONTEXT_GIB} GiB and a {MARGIN:.0%} allocator/workspace margin added to each peak",
+        "CPU autocast stands in for CUDA autocast; attention traced with PyTorch's flash kernel (no T x T scores)",
+        *tr.assumptions,
+    ]
+    if mem.text_encoder == "int8":
+        assumptions.append("text encoder int8: linear weights 1 byte + row scales, embedding bf16")
+    if mem.text_encoder == "cpu":
+        assumptions.append(
+            f"text encoder on the CPU while caching: ~{_gb(te_weights):.1f} GiB of host RAM instead of GPU memory"
+        )
+    return Estimate(
+        model=label,
+        width=width,
+        height=height,
+        frames=frames,
+        tokens=tokens,
+        train_peak_gb=train_gb,
+        cache_peak_gb=cache_gb,
+        generate_peak_gb=gen_gb,
+        host_train_gb=_gb(host),
+        breakdown={"train": train, "cache": cache, "generate": generate},
+        assumptions=assumptions,
+    )
+
+
+def estimate_training(recipe: Recipe) -> tuple[float, float]:
+    """(GPU GiB with overheads, host GiB) of training alone: the quick estimate `finetune train` prints."""
+    from finetune.models import get_family
+
+    family = get_family(recipe.model.family or "wan")
+    _, tcfg, _, _ = model_configs(recipe)
+    frames = family.valid_frames(recipe.data.frames)
+    t_stride, s_stride = family.vae_stride
+    h, w = recipe.data.height // s_stride, recipe.data.width // s_stride
+    trace = trace_training(
+        recipe, tcfg, (recipe.train.batch_size, tcfg["in_channels"], (frames - 1) // t_stride + 1, h, w)
+    )
+    host = max(trace.loaded, trace.swapped + trace.host_offloaded)
+    return _with_overheads(trace.peak)[0], host / GiB
+
+
+def _int8_weights(config: dict) -> int:
+    """umT5 with its linears in int8 (1 byte + an fp32 scale per row) and the embedding left in bf16."""
+    d, ff, heads, kv, layers = (config[k] for k in ("d_model", "d_ff", "num_heads", "d_kv", "num_layers"))
+    attention = 4 * d * heads * kv
+    gated_ffn = 3 * d * ff
+    linear = layers * (attention + gated_ffn)
+    rows = layers * (3 * heads * kv + d + 2 * ff + d)
+    return linear + 4 * rows + 2 * config["vocab_size"] * d
+
+
+def format_table(est: Estimate) -> str:
+    lines = [
+        f"{est.model} at {est.width}x{est.height}x{est.frames} ({est.tokens:,} tokens): estimated peak GPU memory",
+    ]
+    for stage, key in (
+        ("train", "train_peak_gb"),
+        ("cache", "cache_peak_gb"),
+        ("generate", "generate_peak_gb"),
+    ):
+        parts = {k: v for k, v in est.breakdown[stage].items() if k != "total"}
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v)
+        lines.append(f"  {stage:<9}{getattr(est, key):>7.2f} GiB   ({detail})")
+    lines.append(f"  host RAM for training ~{est.host_train_gb:.1f} GiB")
+    lines += [f"  - {a}" for a in est.assumptions]
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""tools/bench.py's parts that need no GPU: arguments, rows, the FLOP count, the markdown it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench", None)
+
+
+def test_defaults_are_the_tier_recipes(bench):
+    args = bench.parse_args([])
+    assert args.recipes == bench.TIERS and args.steps == 4 and args.out == "docs/benchmarks.md"
+    assert all((ROOT / r).is_file() for r in bench.TIERS)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "1"])
+
+
+def test_rows_have_one_baseline_per_model_and_each_tier_capped_at_its_card(bench):
+    rows = bench.plan_rows(bench.parse_args([]))
+    baselines = [r for r in rows if r.cap_gb is None]
+    assert [r.name.split()[0] for r in baselines] == ["1.3B", "14B"]
+    assert all("memory.blocks_to_swap=0" in r.overrides for r in baselines)
+    caps = {r.name: r.cap_gb for r in rows if r.cap_gb}
+    assert caps == {
+        "wan2.1-t2v-1.3b_24gb": 24, "wan2.1-t2v-1.3b_12gb": 12, "wan2.1-t2v-1.3b_8gb": 8,
+        "wan2.1-t2v-14b_24gb": 24, "wan2.1-t2v-14b_16gb": 16,
+    }  # fmt: skip
+    assert all(r.cap_gb is None for r in bench.plan_rows(bench.parse_args(["--no-cap", "--no-baseline"])))
+
+
+def test_step_flops_by_hand(bench):
+    config = {"num_attention_heads": 1, "attention_head_dim": 2, "num_layers": 3, "ffn_dim": 5}
+    d, t, s = 2, 7, 4
+    linear = 4 * 3 * ((6 * d * d + 2 * d * 5) * t + 2 * d * d * s)
+    attention = 3 * 12 * d * t * (t + s)
+    assert bench.step_flops(config, t, s) == linear + attention
+    # Wan 1.3B at 32,760 tokens: ~0.77 PFLOP of model work per step, ~80% of it attention.
+    wan = {"num_attention_heads": 12, "attention_head_dim": 128, "num_layers": 30, "ffn_dim": 8960}
+    assert 0.7e15 < bench.step_flops(wan, 32760, 512) < 0.85e15
+    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
+    assert bench.gpu_peak_tflops("Some GPU", None) is None and bench.gpu_peak_tflops("x", 100.0) == 100.0
+
+
+def test_markdown_puts_the_estimate_beside_the_measurement(bench):
+    base = bench.Row("1.3B baseline", "r.yaml", [], None, peak_allocated_gb=10.0, peak_reserved_gb=11.0,
+                     estimated_gb=11.3, estimated_allocated_gb=9.5, s_per_step=2.0, tokens_per_s=16380.0,
+                     mfu=0.451, baseline_s_per_step=2.0)  # fmt: skip
+    oom = bench.Row("wan2.1-t2v-14b_16gb", "r.yaml", [], 16, status="out of memory")
+    text = bench.markdown([base, oom], {"gpu": "NVIDIA H100", "command": "python tools/bench.py"})
+    row = next(line for line in text.splitlines() if line.startswith("| 1.3B baseline"))
+    assert "| none | ok | 10.00 | 11.00 | 11.30 (9.50) | -5.0% | 2.00 | 1.00 | 16,380 | 45.1% |" in row
+    assert "| wan2.1-t2v-14b_16gb | 16 | out of memory | – |" in text
+    assert "NVIDIA H100" in text and "`python tools/bench.py`" in text
