@@ -113,6 +113,9 @@ def _settings(recipe: Recipe, family: Family, source: Source, text_dtype: torch.
         "encoders": source.base,
         "max_sequence_length": recipe.cache.max_sequence_length,
         "text_dtype": str(text_dtype).removeprefix("torch."),
+        # int8 text encoding and tiled VAE encoding change the tensors slightly: a switch re-encodes.
+        "text_encoder": recipe.memory.text_encoder,
+        "vae_tiling": recipe.memory.vae_tiling,
     }
 
 

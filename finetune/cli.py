@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_recipe("cache", cmd_cache, "check the clips and encode latents + text embeddings to cache.dir")
     sub.choices["cache"].add_argument(
-        "--clean", action="store_true", help="also remove stale entries (sources gone or changed, stray shards)"
+        "--clean",
+        action="store_true",
+        help="also remove stale entries (sources gone or changed, stray shards)",
     )
     with_recipe("train", cmd_train, "train a LoRA (runs the cache stage first when needed)")
     p = sub.add_parser("estimate", help="predict peak GPU memory for caching, training and generation (CPU)")

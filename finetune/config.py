@@ -132,7 +132,9 @@ class MemoryConfig(_Section):
     ffn_chunks: int = Field(0, ge=0)
     # The caching stage's umT5 text encoder: on the GPU (bf16, ~11 GB for umT5-XXL), int8 (~6 GB), or cpu.
     text_encoder: Literal["gpu", "int8", "cpu"] = "gpu"
-    vae_tiling: bool = False  # encode videos in spatial tiles (the VAE's peak no longer scales with the frame)
+    vae_tiling: bool = (
+        False  # encode videos in spatial tiles (the VAE's peak no longer scales with the frame)
+    )
     attention: Literal["sdpa", "xformers"] = "sdpa"
     # auto: before training, pick the fastest plan that the estimate says fits the detected GPU.
     plan: Literal["manual", "auto"] = "manual"

@@ -107,14 +107,19 @@ def largest_blob(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ring(blob: np.ndarray) -> np.ndarray:
-    """Blob pixels with a non-blob 4-neighbour: the outline."""
-    inner = blob.copy()
-    inner[1:] &= blob[:-1]
-    inner[:-1] &= blob[1:]
-    inner[:, 1:] &= blob[:, :-1]
-    inner[:, :-1] &= blob[:, 1:]
-    return blob & ~inner
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels of the mask whose four neighbours are all in the mask."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner
+
+
+def _band(blob: np.ndarray) -> np.ndarray:
+    """The blob's outer 2-pixel band: where an outline is, even when a VAE has blurred it by a pixel."""
+    return blob & ~_erode(_erode(blob))
 
 
 def analyse(video: np.ndarray) -> dict:
@@ -134,8 +139,10 @@ def analyse(video: np.ndarray) -> dict:
         ys, xs = np.nonzero(blob)
         centroids.append((xs.mean(), ys.mean()))
         fills.append(area / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1)))
-        ring = _ring(blob)
-        ink.append(float((luminance[i][ring] < _DARK).mean()))
+        # Ink: dark, and clearly darker than the background. Without the second condition a blurred blob on
+        # a dark background reads as outlined (its edge pixels blend into the dark background).
+        dark = min(_DARK, float(background @ np.array([0.299, 0.587, 0.114])) - 40)
+        ink.append(float((luminance[i][_band(blob)] < dark).mean()))
         # The fill colour: saturated blob pixels (ink, paper and grey backgrounds are unsaturated).
         fill_pixels.append(pixels[i][blob & (saturation[i] > 60)])
     result = {"background": background / 255, "ink": float(np.mean(ink)) if ink else 0.0}

@@ -15,16 +15,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from finetune.config import Recipe
 from finetune.errors import UserError
+from finetune.tracing import (  # noqa: F401 (LiveBytes, keep_in_fp32: used by tests and tools/bench.py)
+    LiveBytes,
+    fake_mode,
+    fake_module_to,
+    keep_in_fp32,
+    no_grad_peak,
+    offload_hooks,
+)
 
 GiB = 2**30
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN handles: outside PyTorch's allocator, inside the card
@@ -35,81 +40,6 @@ CONFIGS = Path(__file__).parent / "models" / "configs"
 # Bytes per weight of a bitsandbytes layer: nf4 packs two weights per byte plus its block scales (64 weights
 # per 8-bit absmax, double-quantized); int8 stores one byte plus one fp32 scale per output row.
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
-
-
-class LiveBytes(TorchDispatchMode):
-    """Live tensor-storage bytes by tag (weights, lora, grads, optimizer, activations; `host` is not on the
-    GPU), with the peak and what was live at the peak. Storages are counted once however many views share
-    them, and leave the count when Python frees them."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = {"weights": 0, "lora": 0, "grads": 0, "optimizer": 0, "activations": 0}
-        self.host = 0
-        self.host_peak = 0
-        self.peak = 0
-        self.at_peak: dict[str, int] = dict(self.live)
-        self._tags: dict[int, tuple[str, int]] = {}  # id(storage) -> (tag, bytes)
-        self._refs: dict[int, weakref.ref] = {}
-
-    def device_bytes(self) -> int:
-        return sum(self.live.values())
-
-    def add(self, tensor: torch.Tensor, tag: str = "activations") -> None:
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in self._tags:
-            return
-        size = storage.nbytes()
-        self._tags[key] = (tag, size)
-        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
-        self._count(tag, size)
-
-    def retag(self, tensor: torch.Tensor, tag: str) -> None:
-        key = id(tensor.untyped_storage())
-        if key not in self._tags:
-            return self.add(tensor, tag)
-        old, size = self._tags[key]
-        self._count(old, -size)
-        self._tags[key] = (tag, size)
-        self._count(tag, size)
-
-    def _count(self, tag: str, size: int) -> None:
-        if tag == "host":
-            self.host += size
-            self.host_peak = max(self.host_peak, self.host)
-            return
-        self.live[tag] += size
-        total = self.device_bytes()
-        if total > self.peak:
-            self.peak = total
-            self.at_peak = dict(self.live)
-
-    def _free(self, key: int) -> None:
-        tag, size = self._tags.pop(key)
-        self._refs.pop(key, None)
-        self._count(tag, -size)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.add(t)
-        return out
-
-
-@contextlib.contextmanager
-def fake_mode(dtype: torch.dtype = torch.bfloat16):
-    """Fake CPU tensors, new parameters created directly in `dtype` (a .to() on fake modules cannot swap)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    previous = torch.get_default_dtype()
-    with FakeTensorMode():
-        torch.set_default_dtype(dtype)
-        try:
-            yield
-        finally:
-            torch.set_default_dtype(previous)
 
 
 def _read(name: str) -> dict:
@@ -146,15 +76,6 @@ def model_configs(recipe: Recipe) -> tuple[str, dict, dict, dict]:
         return _read(fallback)
 
     return label, transformer, part("text_encoder", "umt5-xxl.encoder.json"), part("vae", "wan2.1.vae.json")
-
-
-def keep_in_fp32(model: torch.nn.Module) -> None:
-    """What from_pretrained(dtype=bf16) does: the model's `_keep_in_fp32_modules` (Wan: norms, modulation
-    tables, time embedder, rope) stay fp32. Works on fake tensors, where Module.to() cannot."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and any(k in name.split(".") for k in keep):
-            param.data = param.data.float()
 
 
 def plan_recipe(recipe: Recipe, **memory) -> Recipe:
@@ -257,7 +178,7 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
     traced = plan_recipe(
         recipe, base_dtype="fp8" if quantized else mem.base_dtype, blocks_to_swap=0, activation_offload=False
     )
-    with fake_mode(torch.bfloat16), _fake_module_to():
+    with fake_mode(torch.bfloat16), fake_module_to():
         transformer = WanTransformer3DModel(**transformer_config)
         keep_in_fp32(transformer)
         # What `finetune train` holds on the host after loading, before the plan casts or places anything.
@@ -301,7 +222,7 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
             text = torch.randn(latent[0], recipe.cache.max_sequence_length, transformer_config["text_dim"])
             noise = torch.randn_like(x0)
             sigmas = torch.full((latent[0],), 0.5)
-            offload = _offload_hooks(tracker) if mem.activation_offload else contextlib.nullcontext()
+            offload = offload_hooks(tracker) if mem.activation_offload else contextlib.nullcontext()
             # CPU autocast stands in for CUDA autocast (accelerate's bf16 mixed precision): matmuls in bf16.
             with torch.autocast("cpu", dtype=torch.bfloat16), offload:
                 prediction = family.predict(
@@ -337,56 +258,6 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
     }
 
 
-def _fake_safe_to(self, *args, **kwargs):
-    """Module.to for fake parameters: Module.to() swaps fake tensors (and fails on any that has a weakref);
-    assigning `.data` casts in place the way it does for real tensors. Device moves are not needed (all CPU)."""
-    dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
-    if dtype is not None:
-        for t in list(self.parameters()) + list(self.buffers()):
-            if t.is_floating_point() and t.dtype != dtype:
-                t.data = t.data.to(dtype)
-    return self
-
-
-@contextlib.contextmanager
-def _fake_module_to():
-    """peft (placing new LoRA layers) and diffusers' layerwise casting (fp8 <-> bf16 around each layer) call
-    Module.to on the fake model; route those calls through _fake_safe_to for the duration of a trace."""
-    original = torch.nn.Module.to
-    torch.nn.Module.to = _fake_safe_to
-    try:
-        yield
-    finally:
-        torch.nn.Module.to = original
-
-
-def _offload_hooks(tracker: LiveBytes):
-    """What torch.autograd.graph.save_on_cpu does, on fake CPU tensors (where .cpu() would not copy)."""
-
-    def pack(t: torch.Tensor):
-        host = torch.empty_like(t)
-        host.copy_(t)
-        tracker.retag(host, "host")
-        return host
-
-    def unpack(host: torch.Tensor):
-        return host.clone()
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
-def _no_grad_peak(build, run) -> tuple[int, int]:
-    """(weights, peak) bytes of a no-grad run of a model built on fake tensors."""
-    with fake_mode(torch.bfloat16):
-        model = build()
-        tracker = LiveBytes()
-        with tracker, torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                tracker.add(t, "weights")
-            run(model)
-        return tracker.live["weights"], tracker.peak
-
-
 def _by_layers(measure, config: dict, *args) -> tuple[int, int]:
     """(weights, peak) of a stack of identical layers, measured with 2 and 3 layers and extended to all of
     them: weights grow by one layer each, a no-grad peak by one layer's weights (activations are freed)."""
@@ -409,7 +280,7 @@ def _text_encoder(config: dict, tokens: int) -> tuple[int, int]:
     def run(model):
         model(torch.zeros(1, tokens, dtype=torch.long), torch.ones(1, tokens, dtype=torch.long))
 
-    return _no_grad_peak(build, run)
+    return no_grad_peak(build, run)
 
 
 def _vae(config: dict, video: tuple[int, ...], tiling: bool, decode: bool, dtype: torch.dtype):
@@ -433,7 +304,7 @@ def _vae(config: dict, video: tuple[int, ...], tiling: bool, decode: bool, dtype
         else:
             vae.encode(torch.randn(video, dtype=dtype))
 
-    return _no_grad_peak(build, run)
+    return no_grad_peak(build, run)
 
 
 def _transformer_forward(config: dict, latent: tuple[int, ...], text_len: int) -> tuple[int, int]:
@@ -452,7 +323,7 @@ def _transformer_forward(config: dict, latent: tuple[int, ...], text_len: int) -
         keep_in_fp32(model)
         return model
 
-    return _no_grad_peak(build, run)
+    return no_grad_peak(build, run)
 
 
 @dataclass

@@ -47,33 +47,21 @@ from finetune.logs import TrainingLog, summary
 from finetune.lora import WEIGHTS_NAME, add_lora, save_adapter, target_modules, write_extra_formats
 from finetune.memory import apply_memory_plan
 from finetune.models import family_for, resolve_source
-from finetune.ui import progress, say, warn
+from finetune.ui import progress, say
 from finetune.validation import Validation, fixed_noise_loss, free_memory, split_holdout
 
-__all__ = ["compute_dtype", "fixed_noise_loss", "lr_factor", "make_optimizer", "train"]
+__all__ = ["compute_dtype", "fixed_noise_loss", "lr_factor", "train"]
 
 
 def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     if device.type == "cpu" or recipe.memory.base_dtype == "fp32":
         if device.type == "cpu" and recipe.memory.base_dtype != "fp32":
             say(
-                f"note: no GPU, training in fp32 on the CPU (memory.base_dtype={recipe.memory.base_dtype} applies on CUDA)"
+                "note: no GPU, computing in fp32 on the CPU "
+                f"(memory.base_dtype={recipe.memory.base_dtype} still sets how the base weights are stored)"
             )
         return torch.float32
     return torch.bfloat16
-
-
-def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    t = recipe.train
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-
-            # 8-bit moments: 2 bytes per LoRA parameter instead of 8 (~66 MB saved at rank 32 on Wan 1.3B).
-            return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
-        except Exception as exc:  # not installed, or no build for this platform
-            warn(f"train.optimizer=adamw8bit needs bitsandbytes ({type(exc).__name__}: {exc}); using adamw")
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def lr_factor(step: int, recipe: Recipe) -> float:

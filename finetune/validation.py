@@ -25,18 +25,19 @@ from finetune.ui import say
 
 
 def split_holdout(files: list[Path], holdout: int, seed: int) -> tuple[list[Path], list[Path]]:
-    """(training items, held-out items): `holdout` items chosen by the seed, the same on every resume."""
+    """(training items, held-out items): `holdout` distinct items chosen by the seed, the same on every resume.
+    `files` may repeat a shard (data repeats); every copy of a held-out shard leaves training, so the
+    validation loss is never measured on an item the model trains on."""
     if holdout == 0:
         return list(files), []
-    if holdout >= len(files):
+    unique = list(dict.fromkeys(files))
+    if holdout >= len(unique):
         raise UserError(
-            f"train.validation.holdout={holdout}: the cache has only {len(files)} items and at least one must "
-            "remain for training; lower it"
+            f"train.validation.holdout={holdout}: the cache has only {len(unique)} distinct items and at least "
+            "one must remain for training; lower it"
         )
-    chosen = set(random.Random(seed).sample(range(len(files)), holdout))
-    return [f for i, f in enumerate(files) if i not in chosen], [
-        f for i, f in enumerate(files) if i in chosen
-    ]
+    chosen = {unique[i] for i in random.Random(seed).sample(range(len(unique)), holdout)}
+    return [f for f in files if f not in chosen], [f for f in unique if f in chosen]
 
 
 @torch.no_grad()

@@ -2,8 +2,11 @@
 
     python tools/build_demo_base.py [--out adapters/demo-base] [--seed 0] [--vae-steps N] [--transformer-steps N]
 
+The shipped base was built with the defaults (seed 0); see adapters/demo-base/README.md.
+
 The real diffusers/transformers classes (AutoencoderKLWan, WanTransformer3DModel, UMT5EncoderModel, an offline
-T5Tokenizer, FlowMatchEulerDiscreteScheduler) are trained on the synthetic world of finetune/demo_world.py:
+T5Tokenizer, FlowMatchEulerDiscreteScheduler) are trained on the synthetic world of finetune/demo_world.py
+(32x32, 5 frames):
 1. the text encoder stays random and frozen (its outputs still differ per prompt; the transformer learns to
    read them), the tokenizer is built from the world's word list;
 2. the VAE learns to reconstruct the world (both renderings: plain and ink; a real video VAE represents any
@@ -225,7 +228,7 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "adapters/demo-base"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--transformer-steps", type=int, default=3000)
     parser.add_argument("--clips-per-caption", type=int, default=8)
     parser.add_argument("--no-eval", action="store_true", help="skip the content score of the result")

@@ -9,11 +9,19 @@ from finetune.demo import HELD_OUT, run_demo
 from finetune.demo_world import CAPTIONS
 
 
-def test_demo_runs_end_to_end_and_learns(tmp_path):
-    result = run_demo(tmp_path, steps=40, seeds=1)
-    # The flow loss on the training clips at fixed noise must fall (measured ~25% after 60 steps on the random
-    # base; the style clips are far from anything either base has seen, so the first steps are the steepest).
-    assert result["fixed_noise_loss_adapter"] < 0.9 * result["fixed_noise_loss_base"]
+def test_demo_runs_end_to_end_and_learns_the_style(tmp_path):
+    # The full demo (300 steps, 4 seeds: ~30 s on a free CPU core): the margins below need all its samples.
+    result = run_demo(tmp_path)
+    assert result["pretrained_base"], "adapters/demo-base is missing: build it with tools/build_demo_base.py"
+    # The flow loss on the training clips at fixed noise must fall (the ink clips are far from anything the
+    # base has seen, so it falls a lot: measured 4.47 -> 0.56).
+    assert result["fixed_noise_loss_adapter"] < 0.5 * result["fixed_noise_loss_base"]
+    # What the demo claims: the style moves at least halfway from the base to the style set on held-out prompts,
+    # while the content (colour, shape, direction of the prompt) stays within 10% of the base's.
+    assert result["style_progress"] >= 0.5, result
+    assert result["content_adapter"] >= 0.9 * result["content_base"], result
+    # The base makes recognisable videos: well above the 1/3 that random colour/shape/direction would score.
+    assert result["content_base"] >= 0.5, result
     assert json.loads((tmp_path / "metrics.json").read_text()) == result
     for key in ("style_base", "style_adapter", "style_target", "content_base", "content_adapter"):
         assert np.isfinite(result[key]), key
@@ -21,7 +29,7 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
     # a different world; contents are shares of three attributes.
     assert 0 <= result["style_target"] < 0.1
     assert 0 <= result["content_base"] <= 1 and 0 <= result["content_adapter"] <= 1
-    names = sorted(f"{p.replace(' ', '_')}_seed0.mp4" for p in HELD_OUT)
+    names = sorted(f"{p.replace(' ', '_')}_seed{seed}.mp4" for p in HELD_OUT for seed in range(4))
     for label in ("base", "adapter"):
         assert sorted(p.name for p in (tmp_path / "samples" / label).glob("*.mp4")) == names
     assert not set(HELD_OUT) & {p.read_text().strip() for p in (tmp_path / "data").glob("*.txt")}

@@ -188,3 +188,14 @@ def test_ema_is_a_moving_average_saved_with_the_adapter_header(tmp_path):
     assert torch.equal(load_file(str(tmp_path / EMA_NAME))["transformer.w"], ema.shadow[0])
     with safe_open(str(tmp_path / EMA_NAME), framework="pt") as f:
         assert f.metadata()["finetune"] == "{}"
+
+
+def test_holdout_never_leaves_a_repeated_item_in_training():
+    from pathlib import Path
+
+    from finetune.validation import split_holdout
+
+    files = [Path(f"{name}.safetensors") for name in "abc"] * 3  # data repeats: each shard three times
+    for seed in range(10):
+        train, held = split_holdout(files, 1, seed)
+        assert len(held) == 1 and held[0] not in train and len(train) == 6

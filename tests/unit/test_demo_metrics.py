@@ -64,3 +64,23 @@ def test_parse_caption_ignores_the_trigger_word():
         "shape": "square",
         "direction": "up",
     }
+
+
+def _blur(video: np.ndarray) -> np.ndarray:
+    """3x3 binomial blur per frame: edges soft by about a pixel, like the demo VAE's reconstructions."""
+    padded = np.pad(video.astype(np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    height, width = video.shape[1:3]
+    weights = np.outer([1, 2, 1], [1, 2, 1]) / 16
+    total = sum(weights[y, x] * padded[:, y : y + height, x : x + width] for y in range(3) for x in range(3))
+    return total.round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_ink_survives_blur_and_dark_backgrounds_do_not_read_as_ink(size):
+    rng = np.random.default_rng(3)
+    for color in ("red", "blue"):
+        # A blurred blob on the darkest plain background has dark edge pixels, but no outline.
+        plain = render(color, "circle", "left", rng, 5, size, style="plain")
+        plain[:] = np.where((plain == plain[0, 0, 0]).all(-1, keepdims=True), np.array(BACKGROUNDS[0]), plain)
+        assert style_features(_blur(plain))[3] == 0.0
+        assert style_features(_blur(render(color, "square", "up", rng, 5, size, style="ink")))[3] > 0.6
