@@ -38,6 +38,18 @@ def cmd_check_data(args) -> None:
     check_data(args.target, args.overrides, as_json=args.json)
 
 
+def cmd_caption(args) -> None:
+    from finetune.caption import caption_folder
+    from finetune.ui import say
+
+    report = caption_folder(
+        args.folder, model=args.model, overwrite=args.overwrite, trigger=args.trigger, prompt=args.prompt
+    )
+    for problem in report.skipped:
+        say(f"skipped {problem.path}: {problem.reason}")
+    say(report.summary())
+
+
 def cmd_generate(args) -> None:
     from finetune.generate import GenerateSettings, export, generate_frames, generation_mode, load_pipeline
     from finetune.lora import parse_lora_arg
@@ -162,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="a.b=value")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=cmd_check_data)
+
+    # Defaults live in finetune/caption.py (importing it here would load torch for every command).
+    p = sub.add_parser("caption", help="write a .txt caption beside each image/clip without one (a VLM)")
+    p.add_argument("folder", help="data folder (searched recursively)")
+    p.add_argument("--model", help="VLM hub id or folder (default: HuggingFaceTB/SmolVLM-256M-Instruct)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing captions too")
+    p.add_argument("--trigger", help="put this word first in every new caption")
+    p.add_argument("--prompt", help="what to ask the model (default: a one-to-two-sentence description)")
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("generate", help="generate a video with the base model and any adapters")
     p.add_argument("--model", required=True, help="hub id, diffusers folder, or .safetensors transformer")

@@ -3,9 +3,11 @@
 Layouts (Wan names shown; diffusers' module names are the kit's own):
   diffusers  `transformer.blocks.0.attn1.to_q.lora_A.weight`, peft config JSON in the header
              (`lora_adapter_metadata`), which is where rank and alpha live.
-  comfy      `diffusion_model.blocks.0.self_attn.q.lora_A.weight` (the original checkpoint's module names,
-             the generic form ComfyUI's `model_lora_keys_unet` maps) plus a scalar `.alpha` per layer, so
-             ComfyUI's scale alpha/rank is the trained one. diffusion-pipe writes this layout too.
+  comfy      `diffusion_model.blocks.0.self_attn.q.lora_A.weight` (ComfyUI's own module names, the generic
+             form ComfyUI's `model_lora_keys_unet` maps for every model) plus a scalar `.alpha` per layer, so
+             ComfyUI's scale alpha/rank is the trained one. diffusion-pipe writes this layout too. Wan, LTX-Video
+             (`diffusion_model.transformer_blocks.0.attn1.to_q`) and CogVideoX (`diffusion_model.blocks.0.q`);
+             their names are in finetune/comfy_names.py.
   kohya      `lora_unet_blocks_0_self_attn_q.lora_down.weight` / `.lora_up.weight` / `.alpha` (musubi-tuner);
              read only.
   peft       a folder with `adapter_config.json` + `adapter_model.safetensors`
@@ -27,6 +29,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from finetune.comfy_names import (  # noqa: F401  (re-exported: the Wan map's home was here)
+    COMFY_MAPS,
+    WAN_BLOCK_NAMES,
+    WAN_OTHER_NAMES,
+    wan_to_diffusers,
+    wan_to_original,
+)
 from finetune.errors import UserError
 from finetune.io import atomic_save_safetensors, atomic_write_text
 
@@ -42,53 +51,7 @@ CARRIED_CONFIG_KEY = "finetune_diffusers_config"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 FORMATS = ("diffusers", "comfy", "peft")
 
-# --- module names: diffusers <-> the original checkpoint's (ComfyUI's) --------------------------------------
-# Checked against diffusers' own converters (single_file_utils.convert_wan_transformer_to_diffusers and
-# lora_conversion_utils._convert_non_diffusers_wan_lora_to_diffusers) in tests/unit/test_formats.py.
-WAN_BLOCK_NAMES = {  # original -> diffusers, inside `blocks.N.`
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.k_img": "attn2.add_k_proj",
-    "cross_attn.v_img": "attn2.add_v_proj",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
-WAN_OTHER_NAMES = {  # original -> diffusers, outside the blocks
-    "time_projection.1": "condition_embedder.time_proj",
-    "head.head": "proj_out",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
-    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
-}
-_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 _BLOCK_UNDERSCORE = re.compile(r"blocks_(\d+)_(.+)")
-
-
-def wan_to_original(name: str) -> str | None:
-    """diffusers module name -> original Wan name, or None when there is none."""
-    m = _BLOCK.fullmatch(name)
-    if m:
-        back = {v: k for k, v in WAN_BLOCK_NAMES.items()}.get(m[2])
-        return f"blocks.{m[1]}.{back}" if back else None
-    return {v: k for k, v in WAN_OTHER_NAMES.items()}.get(name)
-
-
-def wan_to_diffusers(name: str) -> str | None:
-    """Original Wan name -> diffusers module name, or None."""
-    m = _BLOCK.fullmatch(name)
-    if m:
-        to = WAN_BLOCK_NAMES.get(m[2])
-        return f"blocks.{m[1]}.{to}" if to else None
-    return WAN_OTHER_NAMES.get(name)
 
 
 def _from_underscored(name: str) -> str | None:
@@ -216,23 +179,64 @@ _KINDS = {
 }
 
 
-def _split_key(key: str) -> tuple[str, str]:
+def _try_split_key(key: str) -> tuple[str, str] | None:
     for suffix, kind in _KINDS.items():
         if key.endswith(suffix):
             return key[: -len(suffix)], kind
+    return None
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    split = _try_split_key(key)
+    if split:
+        return split
     raise UserError(
         f"LoRA key '{key}': not a lora_A/lora_B/lora_down/lora_up weight or an alpha (DoRA scales, bias diffs "
         "and full-weight diffs are not supported); nothing was converted"
     )
 
 
-def _module_name(raw: str, key: str) -> tuple[str, str]:
+def _comfy_family(keys: list[str], named_family: str | None) -> str | None:
+    """The family whose ComfyUI names fit every mappable `diffusion_model.` key (None when no key maps: the
+    key loop then names the first). The names of Wan, LTX-Video and CogVideoX differ except `proj_out`, so a
+    file fits two families only when it holds nothing else; the family in its metadata decides then."""
+    fits: dict[str, set[str]] = {}
+    for key in keys:
+        split = _try_split_key(key)
+        if split and split[0].startswith("diffusion_model."):
+            raw = split[0].removeprefix("diffusion_model.")
+            families = {f for f, (_, to_diffusers) in COMFY_MAPS.items() if to_diffusers(raw)}
+            if families:
+                fits[key] = families
+    if not fits:
+        return None
+    common = set.intersection(*fits.values())
+    if named_family in common:
+        return named_family
+    if len(common) == 1:
+        return common.pop()
+    if not common:
+        examples = {}
+        for key, families in fits.items():
+            examples.setdefault(min(families), key)
+        raise UserError(
+            f"ComfyUI keys of different families in one file ({', '.join(sorted(examples.values()))}); "
+            "nothing was converted"
+        )
+    raise UserError(
+        f"ComfyUI keys such as '{next(iter(fits))}' fit {' and '.join(sorted(common))} alike and the file "
+        "names no family in its metadata; nothing was converted"
+    )
+
+
+def _module_name(raw: str, key: str, comfy_family: str | None = None) -> tuple[str, str]:
     """(diffusers module name, layout) for the module part of a key. diffusers and peft names are taken as
-    they are (load_adapters checks each against the model); original and kohya names go through the Wan map."""
+    they are (load_adapters checks each against the model); ComfyUI names go through `comfy_family`'s map,
+    kohya names through the Wan map."""
     if raw.startswith("transformer."):
         return raw.removeprefix("transformer."), "diffusers"
     if raw.startswith("diffusion_model."):
-        name = wan_to_diffusers(raw.removeprefix("diffusion_model."))
+        name = COMFY_MAPS[comfy_family][1](raw.removeprefix("diffusion_model.")) if comfy_family else None
         if name:
             return name, "comfy"
     elif raw.startswith("lora_unet_"):
@@ -244,8 +248,9 @@ def _module_name(raw: str, key: str) -> tuple[str, str]:
         layout = "peft" if bare != raw else "diffusers"
         return wan_to_diffusers(bare) or bare, layout
     raise UserError(
-        f"LoRA key '{key}': '{raw}' is no transformer layer this kit can map (ComfyUI/kohya names are mapped "
-        "for Wan; text-encoder and second-transformer keys are not supported); nothing was converted"
+        f"LoRA key '{key}': '{raw}' is no transformer layer this kit can map (ComfyUI names are mapped for "
+        f"{', '.join(COMFY_MAPS)}{f' (this file: {comfy_family})' if comfy_family else ''}, kohya names for wan; "
+        "text-encoder and second-transformer keys are not supported); nothing was converted"
     )
 
 
@@ -277,9 +282,10 @@ def read_adapter(path: str | Path, allow_pickle: bool = False) -> Adapter:
         raise UserError(f"{file}: holds no tensors")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     layouts = set()
+    keys_family = _comfy_family(sorted(tensors), _named_family(header.get(OUR_METADATA_KEY)))
     for key in sorted(tensors):
         raw, kind = _split_key(key)
-        name, layout = _module_name(raw, key)
+        name, layout = _module_name(raw, key, keys_family)
         layouts.add(layout)
         if kind in parts.setdefault(name, {}):
             raise UserError(f"LoRA key '{key}': a second {kind} tensor for layer {name}")
@@ -320,7 +326,31 @@ def read_adapter(path: str | Path, allow_pickle: bool = False) -> Adapter:
         diffusers_config=diffusers_config,
         path=file,
         file_size=file.stat().st_size,
+        extra={"family": keys_family} if layout == "comfy" else {},
     )
+
+
+def _named_family(info_json: str | None) -> str | None:
+    try:
+        info = json.loads(info_json) if info_json else {}
+    except json.JSONDecodeError:
+        return None
+    return info.get("family") if isinstance(info, dict) else None
+
+
+def comfy_family(adapter: Adapter) -> str:
+    """The family whose ComfyUI names to write: the metadata's, the one a ComfyUI file was read as, or the one
+    family whose names cover every layer."""
+    family = adapter.info.get("family") or adapter.extra.get("family")
+    if family:
+        return family
+    fits = [f for f, (to_comfy, _) in COMFY_MAPS.items() if all(to_comfy(n) for n in adapter.layers)]
+    if len(fits) > 1:
+        raise UserError(
+            f"ComfyUI layout: the adapter names no family in its metadata and its layers fit {' and '.join(fits)} "
+            "alike; convert the adapter folder training wrote (its metadata names the family)"
+        )
+    return fits[0] if fits else "wan"  # none fits: the layer loop names the first layer without a name
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -375,14 +405,19 @@ def write_diffusers(adapter: Adapter, file: Path) -> Path:
 
 
 def comfy_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
-    family = adapter.info.get("family", "wan")
-    if family != "wan":
-        raise UserError(f"ComfyUI layout: no key map for the '{family}' family yet (known: wan)")
+    family = comfy_family(adapter)
+    if family not in COMFY_MAPS:
+        raise UserError(
+            f"ComfyUI layout: no key map for the '{family}' family (known: {', '.join(COMFY_MAPS)})"
+        )
+    to_comfy = COMFY_MAPS[family][0]
     tensors = {}
     for name, layer in adapter.layers.items():
-        original = wan_to_original(name)
+        original = to_comfy(name)
         if original is None:
-            raise UserError(f"ComfyUI layout: layer '{name}' has no original Wan name; nothing was written")
+            raise UserError(
+                f"ComfyUI layout: layer '{name}' has no name in ComfyUI's {family} model; nothing was written"
+            )
         tensors[f"diffusion_model.{original}.lora_A.weight"] = layer.down
         tensors[f"diffusion_model.{original}.lora_B.weight"] = layer.up
         # fp32: an alpha such as 8 or 16 is exact; ComfyUI and diffusers read it with .item().

@@ -101,12 +101,17 @@ def train(recipe: Recipe) -> Path:
 
     # 1. The cache stage runs first (it encodes only what is missing) and frees the VAE and text encoder, so
     #    they are never on the GPU together with the transformer.
-    cache = build_cache(recipe, family, source)
+    #    Under `accelerate launch` the processes take turns: the main process encodes what is missing, the
+    #    others then find every shard cached (the cache lock admits one process at a time).
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    for turn in range(accelerator.num_processes):
+        if turn == accelerator.process_index:
+            cache = build_cache(recipe, family, source)
+        accelerator.wait_for_everyone()
     train_files, holdout_files = split_holdout(cache.files, t.validation.holdout, t.seed)
 
     # 2. The transformer, frozen, with LoRA on every targeted block linear. Under `accelerate launch` every
     #    process holds a copy (DDP); only the main process writes files.
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     device, main = accelerator.device, accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     dtype = compute_dtype(recipe, device)

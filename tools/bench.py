@@ -130,7 +130,8 @@ def _fmt(value, spec: str = ".2f", empty: str = "–") -> str:
 def markdown(rows: list[Row], info: dict) -> str:
     """docs/benchmarks.md: the measured table with the estimate beside each row."""
     lines = [
-        "# Benchmarks",
+        GPU_START,
+        "## GPU: memory and speed per recipe",
         "",
         f"GPU: {info.get('gpu', '?')} · torch {info.get('torch', '?')} · diffusers {info.get('diffusers', '?')} · "
         f"bitsandbytes {info.get('bitsandbytes', '?')} · {info.get('date', '?')}",
@@ -164,7 +165,24 @@ def markdown(rows: list[Row], info: dict) -> str:
             f"{_fmt(r.s_per_step)} | {_fmt(slowdown)} | {_fmt(r.tokens_per_s, ',.0f')} | "
             f"{_fmt(None if r.mfu is None else 100 * r.mfu, '.1f')}{'%' if r.mfu is not None else ''} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [GPU_END]) + "\n"
+
+
+GPU_START, GPU_END = "<!-- tools/bench.py: GPU section -->", "<!-- end of GPU section -->"
+
+
+def merge_section(existing: str, section: str) -> str:
+    """The benchmarks page keeps its other sections (e.g. CPU caching throughput): only the GPU section, between
+    its markers, is replaced; a page without one gets it after its title and intro."""
+    if GPU_START in existing and GPU_END in existing:
+        head, rest = existing.split(GPU_START, 1)
+        return head + section.rstrip("\n") + rest.split(GPU_END, 1)[1]
+    if not existing.strip():
+        return "# Benchmarks\n\n" + section
+    first_section = existing.find("\n## ")
+    if first_section == -1:
+        return existing.rstrip("\n") + "\n\n" + section
+    return existing[: first_section + 1] + section + "\n" + existing[first_section + 1 :]
 
 
 # --- one row, in its own process ----------------------------------------------------------------------------
@@ -319,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     from finetune.io import atomic_write_text
 
-    atomic_write_text(out, markdown(rows, info))
+    existing = out.read_text(encoding="utf-8") if out.is_file() else ""
+    atomic_write_text(out, merge_section(existing, markdown(rows, info)))
     print(f"wrote {out}")
     return 0
 

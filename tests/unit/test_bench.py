@@ -65,3 +65,12 @@ def test_markdown_puts_the_estimate_beside_the_measurement(bench):
     assert "| none | ok | 10.00 | 11.00 | 11.30 (9.50) | -5.0% | 2.00 | 1.00 | 16,380 | 45.1% |" in row
     assert "| wan2.1-t2v-14b_16gb | 16 | out of memory | – |" in text
     assert "NVIDIA H100" in text and "`python tools/bench.py`" in text
+
+
+def test_the_gpu_section_replaces_only_itself_and_keeps_the_cpu_section(bench):
+    page = "# Benchmarks\n\nintro\n\n## Caching throughput (CPU)\n\n| clips/s |\n|---|\n| 2.71 |\n"
+    first = bench.merge_section(page, bench.markdown([], {"gpu": "H100"}))
+    assert "## Caching throughput (CPU)" in first and "| 2.71 |" in first and "GPU: H100" in first
+    assert first.index("GPU: H100") < first.index("## Caching throughput")
+    second = bench.merge_section(first, bench.markdown([], {"gpu": "H200"}))
+    assert "GPU: H200" in second and "GPU: H100" not in second and second.count("## Caching throughput") == 1
