@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from finetune.errors import UserError
-from finetune.models import Family, Source, dtype_kwarg, loading, model_index
+from finetune.models import Family, Source, common, dtype_kwarg, loading, model_index
 
 _ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0") + (
     "attn2.to_q",
@@ -24,35 +22,14 @@ _ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0") + (
 _FFN = ("ffn.net.0.proj", "ffn.net.2")
 
 
+# A single file whose keys start like this is already in diffusers' layout (e.g. `merge --transformer-only`).
+_DIFFUSERS_PROBE = "blocks.0.attn1."
+
+
 def load_transformer(source: Source, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
-    if not source.transformer_is_file:
-        with loading("the transformer", source.transformer):
-            return WanTransformer3DModel.from_pretrained(
-                source.transformer, subfolder="transformer", **dtype_kwarg("diffusers", dtype)
-            )
-    with safe_open(source.transformer, framework="pt") as f:
-        keys = set(f.keys())
-    if any(k.startswith("blocks.0.attn1.") for k in keys):
-        # Already in diffusers' key layout (e.g. `finetune merge --transformer-only` or a diffusers export):
-        # build from the base's config and load strictly, so a key that does not fit is an error, not a no-op.
-        from safetensors.torch import load_file
-
-        config = WanTransformer3DModel.load_config(source.base, subfolder="transformer")
-        model = WanTransformer3DModel.from_config(config).to(dtype)
-        missing, unexpected = model.load_state_dict(load_file(source.transformer), strict=False)
-        if missing or unexpected:
-            raise UserError(
-                f"model.path: {source.transformer} does not fit the transformer of {source.base}: "
-                f"{len(missing)} missing keys (e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected "
-                f"(e.g. {sorted(unexpected)[:2]}); is model.base the right model?"
-            )
-        return model
-    # Original Wan checkpoint layout (ComfyUI / Wan-AI repos): diffusers converts it.
-    return WanTransformer3DModel.from_single_file(
-        source.transformer, config=source.base, subfolder="transformer", **dtype_kwarg("diffusers", dtype)
-    )
+    return common.load_transformer(WanTransformer3DModel, source, dtype, _DIFFUSERS_PROBE)
 
 
 @dataclass
@@ -124,14 +101,9 @@ def predict(transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.
 
 
 def load_pipeline(source: Source, dtype: torch.dtype):
-    from diffusers import WanPipeline
+    from diffusers import WanPipeline, WanTransformer3DModel
 
-    with loading("the pipeline", source.base):
-        if source.transformer_is_file or source.transformer != source.base:
-            return WanPipeline.from_pretrained(
-                source.base, transformer=load_transformer(source, dtype), **dtype_kwarg("diffusers", dtype)
-            )
-        return WanPipeline.from_pretrained(source.base, **dtype_kwarg("diffusers", dtype))
+    return common.load_pipeline(WanPipeline, WanTransformer3DModel, source, dtype, _DIFFUSERS_PROBE)
 
 
 def _video(pipe, inputs):
