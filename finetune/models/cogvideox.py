@@ -34,11 +34,7 @@ def load_transformer(source: Source, dtype: torch.dtype) -> torch.nn.Module:
 
 
 @dataclass
-class Encoders:
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    device: torch.device
+class Encoders(common.Encoders):
     text_length: int  # the transformer's max_text_seq_length: every caption is encoded at exactly this length
 
 
@@ -47,16 +43,8 @@ def load_encoders(source: Source, device: torch.device, dtype: torch.dtype) -> E
 
     with common.loading("the transformer config", source.base):
         config = CogVideoXTransformer3DModel.load_config(source.base, subfolder="transformer")
-    tokenizer = common.load_component(source, "tokenizer")
-    text_encoder = common.load_component(source, "text_encoder", dtype)
-    vae = common.load_component(source, "vae", torch.float32)  # fp32: ~0.4 GB, bf16 shifts colours
-    return Encoders(
-        tokenizer,
-        text_encoder.to(device).eval(),
-        vae.to(device).eval(),
-        device,
-        config["max_text_seq_length"],
-    )
+    shared = common.load_encoders(source, device, dtype)
+    return Encoders(**vars(shared), text_length=config["max_text_seq_length"])
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ named by model_index.json, a text encoder and the VAE, each turned into one clea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,6 +60,24 @@ def load_component(source: Source, name: str, dtype: torch.dtype | None = None) 
     )
     with loading(f"the {name.replace('_', ' ')}", source.base):
         return cls.from_pretrained(source.base, subfolder=name, **kwargs)
+
+
+@dataclass
+class Encoders:
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    device: torch.device
+
+
+def load_encoders(source: Source, device: torch.device, dtype: torch.dtype) -> Encoders:
+    """Tokenizer, text encoder (in `dtype`) and VAE, each of the class model_index.json names. The VAE stays in
+    fp32: it is small next to the text encoder (0.25 GB for Wan 2.1, 1.7 GB for LTX), and bf16 encoding visibly
+    shifts colours."""
+    tokenizer = load_component(source, "tokenizer")
+    text_encoder = load_component(source, "text_encoder", dtype)
+    vae = load_component(source, "vae", torch.float32)
+    return Encoders(tokenizer, text_encoder.to(device).eval(), vae.to(device).eval(), device)
 
 
 def load_pipeline(cls, transformer_cls, source: Source, dtype: torch.dtype, diffusers_probe: str):

@@ -10,9 +10,6 @@ length (dynamic shifting), training here uses a fixed shift (`train.flow_shift`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from finetune.models import Family, Source, common
@@ -36,20 +33,8 @@ def load_transformer(source: Source, dtype: torch.dtype) -> torch.nn.Module:
     return common.load_transformer(LTXVideoTransformer3DModel, source, dtype, _PROBE)
 
 
-@dataclass
-class Encoders:
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    device: torch.device
-
-
-def load_encoders(source: Source, device: torch.device, dtype: torch.dtype) -> Encoders:
-    tokenizer = common.load_component(source, "tokenizer")
-    text_encoder = common.load_component(source, "text_encoder", dtype)
-    # fp32 VAE: ~1.7 GB for LTX's, and bf16 encoding shifts colours.
-    vae = common.load_component(source, "vae", torch.float32)
-    return Encoders(tokenizer, text_encoder.to(device).eval(), vae.to(device).eval(), device)
+Encoders = common.Encoders
+load_encoders = common.load_encoders
 
 
 @torch.no_grad()

@@ -6,12 +6,9 @@ are 4k+1; the text encoder is umT5-XXL (4096-d, 512 tokens, zero-padded); Wan sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-from finetune.models import Family, Source, common, dtype_kwarg, loading, model_index
+from finetune.models import Family, Source, common
 
 _ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0") + (
     "attn2.to_q",
@@ -32,34 +29,8 @@ def load_transformer(source: Source, dtype: torch.dtype) -> torch.nn.Module:
     return common.load_transformer(WanTransformer3DModel, source, dtype, _DIFFUSERS_PROBE)
 
 
-@dataclass
-class Encoders:
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    device: torch.device
-
-
-def load_encoders(source: Source, device: torch.device, dtype: torch.dtype) -> Encoders:
-    import transformers
-    from diffusers import AutoencoderKLWan
-    from transformers import UMT5EncoderModel
-
-    # The tokenizer class named by model_index.json, as diffusers does (AutoTokenizer would also look for a
-    # config.json that pipeline repos do not have, which fails offline).
-    tokenizer_class = getattr(transformers, model_index(source.base)["tokenizer"][1])
-    with loading("the tokenizer", source.base):
-        tokenizer = tokenizer_class.from_pretrained(source.base, subfolder="tokenizer")
-    with loading("the text encoder", source.base):
-        text_encoder = UMT5EncoderModel.from_pretrained(
-            source.base, subfolder="text_encoder", **dtype_kwarg("transformers", dtype)
-        )
-    # The VAE runs in fp32: it is small (~0.25 GB for Wan 2.1) and bf16 encoding visibly shifts colours.
-    with loading("the VAE", source.base):
-        vae = AutoencoderKLWan.from_pretrained(
-            source.base, subfolder="vae", **dtype_kwarg("diffusers", torch.float32)
-        )
-    return Encoders(tokenizer, text_encoder.to(device).eval(), vae.to(device).eval(), device)
+Encoders = common.Encoders
+load_encoders = common.load_encoders
 
 
 @torch.no_grad()
