@@ -167,7 +167,3 @@ def block_linears(transformer, blocks_attr: str) -> list[str]:
 
 def wrapped(transformer, adapter: str) -> list[str]:
     return sorted(n for n, m in transformer.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A)
-
-
-def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())

@@ -62,3 +62,17 @@ def build_tiny_wan(folder: Path, seed: int = 0, text_dim: int = 24, layers: int 
     )
     pipe.save_pretrained(folder)
     return Path(folder)
+
+
+def transformer_output(transformer, seed: int = 0) -> torch.Tensor:
+    """A tiny Wan transformer on one fixed noisy latent and fixed text: the quantity adapters change."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 16, 3, 4, 4, generator=g)
+    text = torch.randn(1, 16, transformer.config.text_dim, generator=g)
+    with torch.no_grad():
+        return transformer(latents, torch.tensor([500.0]), text, return_dict=False)[0]
+
+
+def rel(a, b) -> float:
+    """Relative difference ||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())

@@ -17,19 +17,7 @@ import yaml
 
 from finetune.cli import main
 from finetune.formats import COMFY_NAME, WEIGHTS_NAME, read_adapter
-from tests.tiny import build_tiny_wan
-
-
-def transformer_output(transformer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 16, 3, 4, 4, generator=g)
-    text = torch.randn(1, 16, transformer.config.text_dim, generator=g)
-    with torch.no_grad():
-        return transformer(latents, torch.tensor([500.0]), text, return_dict=False)[0]
-
-
-def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+from tests.tiny import build_tiny_wan, rel, transformer_output
 
 
 def make_adapter(base: Path, out: Path, rank: int, alpha: float, seed: int, targets="blocks") -> Path:

@@ -12,7 +12,8 @@ import torch
 from finetune.cli import main
 from finetune.models import cogvideox, families_with_mode
 from tests.clips import write_image, write_video
-from tests.family_tiny import block_linears, build_tiny_cogvideox, make_clips, rel, wrapped, write_recipe
+from tests.family_tiny import block_linears, build_tiny_cogvideox, make_clips, wrapped, write_recipe
+from tests.tiny import rel
 
 SIZE, FRAMES, TEXT = 32, 9, 16
 

@@ -12,7 +12,8 @@ import torch
 from finetune.cli import main
 from finetune.models import ltx
 from tests.clips import write_image, write_video
-from tests.family_tiny import block_linears, build_tiny_ltx, make_clips, rel, wrapped, write_recipe
+from tests.family_tiny import block_linears, build_tiny_ltx, make_clips, wrapped, write_recipe
+from tests.tiny import rel
 
 SIZE, FRAMES, TEXT = 64, 9, 16
 

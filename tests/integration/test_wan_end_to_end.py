@@ -17,7 +17,7 @@ import yaml
 
 from finetune.cli import main
 from tests.clips import write_corrupt, write_image, write_video
-from tests.tiny import build_tiny_wan
+from tests.tiny import build_tiny_wan, rel, transformer_output
 
 BLOCK_LINEARS = [
     f"blocks.{b}.{name}"
@@ -63,19 +63,6 @@ def world(tmp_path_factory):
     assert main(["cache", str(recipe)]) == 0
     assert main(["train", str(recipe)]) == 0
     return {"root": root, "base": base, "data": data, "recipe": recipe, "adapter": root / "adapter"}
-
-
-def transformer_output(transformer, seed=0):
-    """The transformer on one fixed noisy latent and fixed text: the quantity adapters change."""
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, 16, 3, 4, 4, generator=g)
-    text = torch.randn(1, 16, transformer.config.text_dim, generator=g)
-    with torch.no_grad():
-        return transformer(latents, torch.tensor([500.0]), text, return_dict=False)[0]
-
-
-def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def test_adapter_folder_is_complete(world):
