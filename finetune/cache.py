@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 
 from finetune.config import Recipe
 from finetune.data import MediaError, Problem
-from finetune.data.batches import TextChoice
+from finetune.data.batches import TextChoice, text_tensors, video_tensors
 from finetune.data.decode import MediaInfo, decode_windows, load_image, probe
 from finetune.data.discover import raise_if_strict
 from finetune.data.plan import Sample, make_plan
@@ -274,8 +274,8 @@ def _build(
                     saved_at = time.monotonic()
             if need_empty:
                 encoders = encoders or _load_encoders(family, source, device, text_dtype, recipe.memory)
-                (empty,) = family.encode_prompts(encoders, [""], recipe.cache.max_sequence_length)
-                atomic_save_safetensors({"text": empty}, empty_path, {"prompt": ""})
+                empty = family.encode_prompts(encoders, [""], recipe.cache.max_sequence_length)
+                atomic_save_safetensors(text_tensors(empty), empty_path, {"prompt": ""})
         finally:
             bar.close()
             del encoders
@@ -406,9 +406,8 @@ def _encode_sample(recipe, family, encoders, key, sample, video, cache_dir, mani
             warn(
                 f"{sample.item.path}: caption is {count} tokens; the text encoder keeps {limit} (the rest is cut)"
             )
-    latents = family.encode_video(encoders, video.unsqueeze(0))[0]
-    texts = family.encode_prompts(encoders, list(sample.captions), limit)
-    tensors = {"latents": latents, "text": texts[0]} | {f"text.{n}": t for n, t in enumerate(texts[1:], 1)}
+    tensors = video_tensors(family.encode_video(encoders, video.unsqueeze(0)))
+    tensors |= text_tensors(family.encode_prompts(encoders, list(sample.captions), limit))
     shard = cache_dir / "items" / f"{key}.safetensors"
     atomic_save_safetensors(tensors, shard, {"source": sample.item.path.name, "bucket": sample.bucket})
     entry = _entry(shard, sample, manifest["files"][str(sample.item.path)]["sha256"], cache_dir)

@@ -259,13 +259,17 @@ def train(recipe: Recipe) -> Path:
                     batch = next(batch_iter)
                     x0 = batch["latents"].to(device, dtype)
                     text = batch["text"].to(device, dtype)
+                    # What else the family cached per clip or caption (conditioning, pooled text), if anything.
+                    extras = {
+                        k: v.to(device, dtype) for k, v in batch.items() if k not in ("latents", "text")
+                    }
                     noise_rng = batch_generator(t.seed, index, device)
                     noise = torch.randn(x0.shape, generator=noise_rng, device=device, dtype=dtype)
                     # Gradients are averaged across processes only on the last micro-batch.
                     last = micro == t.grad_accum - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(transformer):
                         noisy, timesteps, target = objective.noise(x0, noise, batch_generator(t.seed, index))
-                        prediction = family.predict(transformer, noisy, timesteps.to(device), text)
+                        prediction = family.predict(transformer, noisy, timesteps.to(device), text, extras)
                         loss = objectives.loss(prediction, target)
                         accelerator.backward(loss / t.grad_accum)
                     step_loss += loss.item() / t.grad_accum

@@ -55,11 +55,18 @@ def fixed_noise_loss(
         batch = collate([load_file(str(path))], text_length)
         x0 = batch["latents"].to(param.device, param.dtype)
         text = batch["text"].to(param.device, param.dtype)
+        extras = {
+            k: v.to(param.device, param.dtype) for k, v in batch.items() if k not in ("latents", "text")
+        }
         for sigma in sigmas:
             s = torch.tensor([sigma])
             noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
             prediction = family.predict(
-                transformer, flow.add_noise(x0, noise, s), flow.timesteps_from_sigmas(s).to(x0.device), text
+                transformer,
+                flow.add_noise(x0, noise, s),
+                flow.timesteps_from_sigmas(s).to(x0.device),
+                text,
+                extras,
             )
             total += flow.flow_loss(prediction, flow.velocity_target(x0, noise)).item()
             count += 1

@@ -27,27 +27,56 @@ class TextChoice:
     seed: int = 0
 
 
+def is_text_key(key: str) -> bool:
+    """Text-side shard keys follow the caption variants: `text`, `text_pooled`, ... and `text.1`, `text_pooled.1`."""
+    name = key.split(".")[0]
+    return name == "text" or name.startswith("text_")
+
+
+def text_tensors(encoded: list) -> dict[str, torch.Tensor]:
+    """A family's encoded captions as shard keys. Each caption is one tensor (`text`) or a dict of tensors whose
+    names start with `text` (e.g. HunyuanVideo's CLIP `text_pooled`); caption n > 0 is stored as `<name>.n`."""
+    tensors = {}
+    for n, variant in enumerate(encoded):
+        for name, tensor in (variant if isinstance(variant, dict) else {"text": variant}).items():
+            assert is_text_key(name), name
+            tensors[name if n == 0 else f"{name}.{n}"] = tensor
+    return tensors
+
+
+def video_tensors(encoded) -> dict[str, torch.Tensor]:
+    """A family's encoded clip (batch of 1) as shard keys: `latents`, plus any conditioning it caches with them
+    (e.g. Wan I2V's image-encoder embeddings); a plain tensor is the latents."""
+    parts = encoded if isinstance(encoded, dict) else {"latents": encoded}
+    return {name: tensor[0] for name, tensor in parts.items()}
+
+
 class CachedItems(torch.utils.data.Dataset):
     def __init__(self, files: list[Path], text_choice: TextChoice = TextChoice()):
         self.files = list(files)
         self.choice = text_choice
         self.loads = [0] * len(self.files)  # per index: how many times it was loaded (one pick per load)
-        self.empty = load_file(str(text_choice.empty_text))["text"] if text_choice.dropout > 0 else None
+        self.empty = load_file(str(text_choice.empty_text)) if text_choice.dropout > 0 else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         tensors = load_file(str(self.files[index]))
-        extra = sorted((k for k in tensors if k.startswith("text.")), key=lambda k: int(k.split(".")[1]))
-        variants = [tensors["text"]] + [tensors[k] for k in extra]
+        variants = 1 + sum(1 for k in tensors if k.startswith("text."))
         # Seeded by (seed, index, load count): the same run picks the same captions, each epoch picks anew.
         rng = random.Random(f"{self.choice.seed}:{index}:{self.loads[index]}")
         self.loads[index] += 1
-        text = variants[rng.randrange(len(variants))]
+        pick = rng.randrange(variants)
+        item = {k: v for k, v in tensors.items() if not is_text_key(k)}  # latents and clip-side conditioning
+        item |= {k: v for k, v in tensors.items() if is_text_key(k) and "." not in k}
+        if pick:
+            item |= {
+                k.split(".")[0]: v for k, v in tensors.items() if k.endswith(f".{pick}") and is_text_key(k)
+            }
         if self.empty is not None and rng.random() < self.choice.dropout:
-            text = self.empty
-        return {"latents": tensors["latents"], "text": text}
+            item |= self.empty
+        return item
 
 
 def bucket_batches(files: list[Path], batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -70,9 +99,11 @@ def bucket_batches(files: list[Path], batch_size: int, seed: int) -> Iterator[li
 
 
 def collate(items: list[dict[str, torch.Tensor]], text_length: int) -> dict[str, torch.Tensor]:
-    """Stacks latents; zero-pads each caption's embeddings to `text_length` tokens, as the pipeline does."""
+    """Zero-pads each caption's embeddings to `text_length` tokens, as the pipeline does; stacks the rest
+    (latents, and any other tensors the family cached: those have one shape per bucket)."""
     text = torch.zeros(len(items), text_length, items[0]["text"].shape[-1], dtype=items[0]["text"].dtype)
     for row, item in enumerate(items):
         tokens = item["text"][:text_length]
         text[row, : len(tokens)] = tokens
-    return {"latents": torch.stack([item["latents"] for item in items]), "text": text}
+    others = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "text"}
+    return others | {"text": text}

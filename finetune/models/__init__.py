@@ -39,9 +39,13 @@ class Family:
     flow_shift: float  # default sigma shift for training and sampling
     load_transformer: Callable[[Source, torch.dtype], torch.nn.Module]
     load_encoders: Callable[[Source, torch.device, torch.dtype], Any]
-    encode_prompts: Callable[[Any, list[str], int], list[torch.Tensor]]
-    encode_video: Callable[[Any, torch.Tensor], torch.Tensor]
-    predict: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # One (tokens, dim) tensor per prompt, or a dict of tensors named `text`, `text_*` (e.g. a pooled embedding).
+    encode_prompts: Callable[[Any, list[str], int], list]
+    # (B, 3, F, H, W) -> latents (B, C, F', H', W'), or a dict with `latents` and per-clip conditioning tensors.
+    encode_video: Callable[[Any, torch.Tensor], Any]
+    # (transformer, noisy, timesteps, text, extras) -> prediction; extras: the batch's other cached tensors
+    # (finetune.data.batches), on the device. Callers without extras may leave it out.
+    predict: Callable[..., torch.Tensor]
     load_pipeline: Callable[[Source, torch.dtype], Any]
     # Optional facts; the defaults describe a flow-matching text-to-video family such as Wan 2.1 T2V.
     objective: str = "flow"  # "flow" (velocity, sigma in (0, 1)) | "v_prediction" (DDPM alphas: CogVideoX)

@@ -94,7 +94,13 @@ def rotary_embeddings(config, frames: int, height: int, width: int, device: torc
     )  # fmt: skip
 
 
-def predict(transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor):
+def predict(
+    transformer: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: torch.Tensor,
+    extras: dict[str, torch.Tensor] | None = None,  # nothing else is cached for this family's text-to-video
+):
     config = transformer.config
     length = config.max_text_seq_length
     if text.shape[1] < length:

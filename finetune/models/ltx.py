@@ -81,7 +81,13 @@ def unpack(tokens: torch.Tensor, f: int, h: int, w: int, p: int, p_t: int) -> to
     return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def predict(transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor):
+def predict(
+    transformer: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: torch.Tensor,
+    extras: dict[str, torch.Tensor] | None = None,  # nothing else is cached for this family's text-to-video
+):
     config = transformer.config
     p, p_t = config.patch_size, config.patch_size_t
     _, _, frames, height, width = noisy.shape

@@ -65,7 +65,13 @@ def encode_video(enc: Encoders, video: torch.Tensor) -> torch.Tensor:
     return ((latents - mean) / std).cpu()
 
 
-def predict(transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor):
+def predict(
+    transformer: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: torch.Tensor,
+    extras: dict[str, torch.Tensor] | None = None,  # nothing else is cached for this family's text-to-video
+):
     return transformer(
         hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text, return_dict=False
     )[0]
