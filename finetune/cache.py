@@ -110,6 +110,8 @@ def _settings(recipe: Recipe, family: Family, source: Source, text_dtype: torch.
     return {
         "version": CACHE_VERSION,
         "family": family.name,
+        # Wan I2V / FLF2V / TI2V cache other tensors than Wan T2V (absent for a family's plain variant).
+        **({"variant": family.variant} if family.variant else {}),
         "encoders": source.base,
         "max_sequence_length": recipe.cache.max_sequence_length,
         "text_dtype": str(text_dtype).removeprefix("torch."),
@@ -188,7 +190,7 @@ def _owner(recipe: Recipe) -> str:
 
 
 def build_cache(recipe: Recipe, family: Family, source: Source, clean: bool = False) -> CacheResult:
-    specs, items, problems = collect(recipe.data)
+    specs, items, problems = collect(recipe.data, Path(recipe.cache.dir).expanduser() / "media")
     device, text_dtype = encode_device()
     settings = _settings(recipe, family, source, text_dtype)
     cache_dir = Path(recipe.cache.dir).expanduser()
@@ -210,7 +212,8 @@ def _build(
 
     def probe_cached(item) -> MediaInfo:
         record = records.setdefault(str(item.path), _record(item.path, manifest["files"].get(str(item.path))))
-        if "probe" not in record:
+        # A record from before rotation was probed has the stored (maybe sideways) size: probe again.
+        if "probe" not in record or not {"error", "rotation"} & record["probe"].keys():
             try:
                 record["probe"] = probe(item.path).__dict__
             except MediaError as exc:

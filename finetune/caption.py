@@ -138,12 +138,14 @@ def caption_folder(
     """Caption every image and clip under `folder` (recursive) that has no caption (all of them with
     `overwrite`). A file that cannot be decoded is skipped and named in the report; the rest go on."""
     root = check_root(folder, key="caption DIR")
-    for name in ("metadata.jsonl", "metadata.csv"):
-        if (root / name).exists():
-            raise UserError(
-                f"caption: {root / name} exists, so training reads captions from it and ignores .txt files; "
-                "caption a folder without a metadata file"
-            )
+    from finetune.data.sources import find_list_files, find_metadata_files
+
+    listed = find_metadata_files(root) or list(find_list_files(root) or ())
+    if listed:
+        raise UserError(
+            f"caption: {listed[0]} exists, so training reads captions from it and ignores .txt files; "
+            "caption a folder without a metadata file or prompts list"
+        )
     media = [
         Path(d, n) for d, names in _walk(root) for n in names if n.lower().endswith(VIDEO_EXTS + IMAGE_EXTS)
     ]

@@ -3,7 +3,9 @@ will not: every file that cannot be used with its reason, the bucket histogram, 
 durations, frame rates, resolutions, and the disk space the cache will need.
 
 It probes every file (header, packet count, first frame) but decodes no more, so it takes seconds per thousand
-clips; a file that breaks further in is caught, named and skipped by `finetune cache`.
+clips; a file that breaks further in is caught, named and skipped by `finetune cache`. The target may be a recipe,
+a folder, or a Hub dataset id (read from the local Hugging Face cache); the report says which folder each dataset
+resolved to (Hub snapshot, split folder) and which clips are turned upright by their display rotation.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 from finetune.config import Recipe, build_recipe, load_recipe
+from finetune.data.hub_cache import looks_like_dataset_id
 from finetune.data.plan import Plan, make_plan
-from finetune.data.sources import collect
+from finetune.data.sources import DatasetSpec, collect
 from finetune.errors import UserError
 from finetune.models import get_family
 from finetune.ui import say
@@ -24,14 +27,18 @@ from finetune.ui import say
 def check_data(target: str, overrides: list[str] = (), as_json: bool = False) -> int:
     """Prints the report; returns the number of usable files. Raises UserError when nothing is usable, or under
     data.strict when anything is wrong (after printing the whole report, so every problem is seen at once)."""
-    if Path(target).is_dir():  # a bare folder: checked against the default recipe (Wan, 832x480, 81 frames)
+    bare = Path(target).is_dir() or (
+        looks_like_dataset_id(target) and not target.endswith((".yaml", ".yml", ".json"))
+    )
+    if bare:  # a folder or Hub dataset: checked against the default recipe (Wan, 832x480, 81 frames)
         recipe = build_recipe({"model": {"path": "-", "family": "wan"}, "data": {"path": target}}, overrides)
     else:
         recipe = load_recipe(target, overrides)
     family = get_family(recipe.model.family or "wan")
-    specs, items, problems = collect(recipe.data.model_copy(update={"strict": False}))
+    media_dir = Path(recipe.cache.dir).expanduser() / "media"  # where Parquet/Arrow rows are written out
+    specs, items, problems = collect(recipe.data.model_copy(update={"strict": False}), media_dir)
     plan = make_plan(recipe, family, specs, items, problems)
-    report = build_report(recipe, plan, items, [str(s.root) for s in specs])
+    report = build_report(recipe, plan, items, specs)
     report["captions"].update(_token_stats(recipe, plan))
     if as_json:
         print(json.dumps(report, indent=1))
@@ -44,7 +51,7 @@ def check_data(target: str, overrides: list[str] = (), as_json: bool = False) ->
     return report["usable_files"]
 
 
-def build_report(recipe: Recipe, plan: Plan, items, roots: list[str]) -> dict:
+def build_report(recipe: Recipe, plan: Plan, items, specs: list[DatasetSpec]) -> dict:
     used = {s.item.path for s in plan.samples}
     videos = [i for i in items if not i.is_image]
     infos = [plan.infos[i.path] for i in videos if i.path in plan.infos]
@@ -53,7 +60,8 @@ def build_report(recipe: Recipe, plan: Plan, items, roots: list[str]) -> dict:
     captions = [c for i in items for c in i.captions]
     words = [len(c.split()) for c in captions]
     return {
-        "roots": roots,
+        "roots": [str(s.root) for s in specs],  # the folders read (a Hub snapshot, a split folder)
+        "sources": [{"key": s.key, "path": s.path, "root": str(s.root), "source": s.source} for s in specs],
         "files": len(items),
         "videos": len(videos),
         "images": len(items) - len(videos),
@@ -68,7 +76,12 @@ def build_report(recipe: Recipe, plan: Plan, items, roots: list[str]) -> dict:
         "duplicates": _duplicates([i.path for i in items if i.path in plan.infos]),
         "durations_s": _spread(seconds) | {"total": round(sum(seconds), 2)},
         "fps": _counts(f"{info.fps:g}" if info.fps else "unknown" for info in infos),
-        "resolutions": _counts(f"{info.width}x{info.height}" for info in plan.infos.values()),
+        "resolutions": _counts(f"{info.width}x{info.height}" for info in plan.infos.values()),  # as displayed
+        "rotated": [
+            {"file": str(path), "degrees": info.rotation, "displayed": f"{info.width}x{info.height}"}
+            for path, info in plan.infos.items()
+            if info.rotation
+        ],
         "captions": {
             "with_caption": sum(i.has_caption and bool(i.captions) for i in items),
             "missing": sum(not i.has_caption for i in items),
@@ -169,6 +182,9 @@ def _print(report: dict, plan: Plan) -> None:
         f"{', '.join(report['roots'])}: {report['files']} files ({report['videos']} videos, {report['images']} "
         f"images), {report['usable_files']} usable at {shape['width']}x{shape['height']}, {shape['frames']} frames"
     )
+    for source in report["sources"]:
+        if source["source"]:
+            say(f"{source['key']}: {source['path']} -> {source['root']} ({source['source']})")
     for note in plan.notes:
         say(f"note: {note}")
     say(f"{report['items']} training items per epoch in {len(report['buckets'])} bucket(s):")
@@ -184,6 +200,10 @@ def _print(report: dict, plan: Plan) -> None:
     )
     for path in c.get("over_token_limit", []):
         say(f"  {path}: a caption is longer than {c['token_limit']} tokens (the rest is cut)")
+    if report["rotated"]:
+        say(f"rotated clips, used upright ({len(report['rotated'])}):")
+        for row in report["rotated"]:
+            say(f"  {row['file']}: turned {row['degrees']} degrees, {row['displayed']} as displayed")
     for group in report["duplicates"]:
         say(f"duplicate files (same bytes): {', '.join(group)}")
     if report["cache_bytes"] is not None:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.data.batches import bucket_batches
 from finetune.errors import UserError
+from finetune.formats import TRANSFORMER_2_WEIGHTS_NAME
 from finetune.io import atomic_dir
 from finetune.lora import WEIGHTS_NAME
 
@@ -49,6 +50,7 @@ INCOMPATIBLE = {
     "lora.rank": "the saved LoRA weights have another shape",
     "lora.alpha": "the saved LoRA weights were trained at another scale",
     "lora.targets": "the saved LoRA weights sit on other layers",
+    "lora.experts": "the saved LoRA weights and step count belong to other experts",
     "data.width": "the model learnt at another size",
     "data.height": "the model learnt at another size",
     "data.frames": "the model learnt at another length",
@@ -282,9 +284,12 @@ def find_checkpoint(resume: str, out_dir: Path) -> Path:
 
 def load_checkpoint(folder: Path) -> Checkpoint:
     folder = Path(folder)
-    missing = [
-        n for n in (STATE_JSON, STATE_TENSORS, WEIGHTS_NAME, "recipe.yaml") if not (folder / n).is_file()
-    ]
+    # The trained expert's adapter: Wan 2.2 A14B's low-noise expert writes the transformer_2 file (experts.py).
+    low = (folder / STATE_JSON).is_file() and json.loads((folder / STATE_JSON).read_text()).get(
+        "progress", {}
+    ).get("expert") == "low"
+    weights = TRANSFORMER_2_WEIGHTS_NAME if low else WEIGHTS_NAME
+    missing = [n for n in (STATE_JSON, STATE_TENSORS, weights, "recipe.yaml") if not (folder / n).is_file()]
     if missing:
         raise UserError(
             f"train.resume: {folder} is not a training checkpoint (no {', '.join(missing)}); give latest or a "
@@ -304,7 +309,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         optimizer=_join_optimizer(plain["optimizer"], tensors),
         scheduler=plain["scheduler"],
         rng=_rng_from_saved(plain["rng"], tensors),
-        lora=load_file(str(folder / WEIGHTS_NAME)),
+        lora=load_file(str(folder / weights)),
     )
 
 

@@ -72,7 +72,12 @@ def cmd_generate(args) -> None:
         extend=args.extend,
     )
     pipe, family = load_pipeline(
-        args.model, [parse_lora_arg(x) for x in args.lora], args.family, args.base, generation_mode(settings)
+        args.model,
+        [parse_lora_arg(x) for x in args.lora],
+        args.family,
+        args.base,
+        generation_mode(settings),
+        args.offload,
     )
     path = export(generate_frames(pipe, family, settings), Path(args.out), settings.fps)
     print(path)
@@ -170,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("check-data", help="check a dataset folder (or a recipe's data.path) before caching")
-    p.add_argument("target", help="recipe .yaml or data folder")
+    p.add_argument(
+        "target", help="recipe .yaml, data folder, or Hub dataset id (owner/name, from the local cache)"
+    )
     p.add_argument("overrides", nargs="*", metavar="a.b=value")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=cmd_check_data)
@@ -205,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.7, help="--video: noise level 0..1 (default 0.7)")
     p.add_argument("--extend", metavar="MP4", help="continue this clip from its last frames")
     p.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (one frame)")
+    p.add_argument("--offload", choices=["auto", "none", "model", "blocks"], default="auto",
+                   help="model: text encoder on the CPU, transformer and VAE take turns on the GPU; blocks: also "
+                        "stream the transformer block by block (auto: the fastest that fits)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("merge", help="fuse adapters into the base model (or, --into-lora, into one adapter)")

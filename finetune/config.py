@@ -37,6 +37,7 @@ class DatasetConfig(_Section):
     """One entry of `data.datasets`; a key left out (None) takes the value under `data:`."""
 
     path: str  # folder (recursive, same-stem .txt captions) or a folder with metadata.jsonl / metadata.csv
+    split: str | None = None  # a folder with train/ test/ ... split folders: which one to read
     repeats: int = Field(1, gt=0)  # each item is seen this many times per epoch (balances small datasets)
     trigger: str | None = None
     frame_buckets: list[int] | None = None
@@ -48,9 +49,11 @@ class DatasetConfig(_Section):
 
 class DataConfig(_Section):
     # Folder of clips and images with same-stem .txt captions (searched recursively), or a folder holding
-    # metadata.jsonl / metadata.csv (file_name + text/caption). Empty when `datasets` lists the folders.
+    # metadata.jsonl / metadata.csv (file_name + text/caption), or a Hub dataset id read from the local Hugging
+    # Face cache (owner/name; see finetune/data/sources.py for every layout). Empty when `datasets` lists them.
     path: str = ""
     datasets: list[DatasetConfig] = []  # several folders, each with its own repeats and overrides
+    split: str = "train"  # for a folder (or Hub dataset) laid out in split folders: train/ test/ validation/
     width: int = Field(832, gt=0)  # with height: the target area of the aspect-ratio buckets
     height: int = Field(480, gt=0)
     frames: int = Field(81, gt=0)  # the one frame bucket when frame_buckets is empty (rounded: Wan 4k+1)
@@ -79,6 +82,9 @@ class LoraConfig(_Section):
     alpha: float = Field(32, gt=0)  # scale = alpha / rank
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: str | list[str] = "blocks"  # a preset of the family (blocks, attention, ffn) or module names
+    # Wan 2.2 A14B's two experts (finetune/experts.py): both (train.steps split in half: the high-noise
+    # `transformer` first, then the low-noise `transformer_2`, one loaded at a time), or only high / low.
+    experts: Literal["both", "high", "low"] = "both"
 
 
 class ValidationConfig(_Section):
@@ -107,6 +113,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = True
     timestep_sampling: Literal["shift", "uniform", "logit_normal"] = "shift"
     flow_shift: float | None = Field(None, gt=0)  # None: the family's default (Wan: 3.0)
+    # Share of clips trained image-to-video: first latent frame given clean at timestep 0, left out of the loss.
+    # None: the model's default (Wan 2.2 TI2V-5B: 1, LTX-Video: 0). Wan 2.1 I2V / FLF2V and CogVideoX-I2V
+    # always condition on the first frame (their transformer takes the image), whatever this says.
+    first_frame_conditioning: float | None = Field(None, ge=0, le=1)
     seed: int = 42
     num_workers: int = Field(0, ge=0)
     resume: str | None = None  # "latest" (newest checkpoint under output.dir) or a checkpoints/step-N folder

@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,40 +43,98 @@ CONFIGS = Path(__file__).parent / "models" / "configs"
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 
 
-def _read(name: str) -> dict:
-    return {k: v for k, v in json.loads((CONFIGS / name).read_text()).items() if not k.startswith("_")}
+def _read(path: Path) -> dict:
+    """A config as saved: `_class_name` (diffusers) or `architectures` (transformers) names its class."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "_source"}
 
 
-def model_configs(recipe: Recipe) -> tuple[str, dict, dict, dict]:
-    """(label, transformer config, text encoder config, VAE config): from a local diffusers folder when
-    `model.path` is one, else the shipped config of the hub model it names."""
+def kwargs_of(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
+
+
+class Configs(NamedTuple):
+    label: str
+    transformer: dict
+    text_encoders: list[dict]
+    vae: dict
+
+
+def fake_extras(family, config: dict, latent: tuple[int, ...], text_len: int) -> dict:
+    """The family's fake per-batch extras; an entry given as None is shaped like the latents (Wan I2V's
+    `condition`) and is made here, where the latent shape is known."""
+    extras = family.fake_extras(config, latent[0], text_len) if family.fake_extras else {}
+    return {k: torch.randn(latent, dtype=torch.bfloat16) if v is None else v for k, v in extras.items()}
+
+
+def family_of(recipe: Recipe):
+    """model.family, else the family whose shipped models match the name, else the local folder's pipeline."""
+    from finetune.models import _registry, family_for, get_family, resolve_source
+
+    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
+    families = [get_family(recipe.model.family)] if recipe.model.family else list(_registry().values())
+    for family in families:
+        # Variants first: "wan2.1-i2v-14b" is Wan's I2V variant, not the T2V 14B the family's own entries match.
+        for candidate in (*(family.variants() if family.variants else ()), family):
+            if any(fragment in name for m in candidate.shipped for fragment in m.names):
+                return candidate
+    if recipe.model.family and not Path(recipe.model.base or recipe.model.path).expanduser().is_dir():
+        return families[0]
+    return family_for(recipe.model, resolve_source(recipe.model))  # a local folder: its variant too
+
+
+def model_configs(recipe: Recipe) -> Configs:
+    """The real model's configs: from a local diffusers folder when `model.path`/`model.base` is one, else the
+    shipped configs of the hub model it names (finetune/models/configs; nothing is downloaded)."""
+    family = family_of(recipe)
     folder = Path(recipe.model.base or recipe.model.path).expanduser()
     name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
-    if "14b" in name:
-        label, shipped = "Wan2.1 T2V 14B", "wan2.1-t2v-14b.transformer.json"
-    elif "1.3b" in name or "1_3b" in name:
-        label, shipped = "Wan2.1 T2V 1.3B", "wan2.1-t2v-1.3b.transformer.json"
-    else:
-        label, shipped = None, None
+    shipped = next((m for m in family.shipped if any(f in name for f in m.names)), None)
     local = folder / "transformer" / "config.json"
-    if local.is_file():
-        transformer = {k: v for k, v in json.loads(local.read_text()).items() if not k.startswith("_")}
-        label = label or str(folder)
-    elif shipped:
-        transformer = _read(shipped)
-    else:
+    if not local.is_file() and shipped is None:
+        known = ", ".join(m.label for m in family.shipped) or "none yet"
         raise UserError(
-            f"model.path: no config known for '{recipe.model.path}' (estimate knows Wan2.1 T2V 1.3B and 14B, "
-            "or a local diffusers folder with transformer/config.json)"
+            f"model.path: no config known for '{recipe.model.path}' (estimate knows, for {family.name}: {known}; "
+            "or point model.path at a local diffusers folder with transformer/config.json)"
         )
+    label = shipped.label if shipped else str(folder)
+    transformer = _read(local) if local.is_file() else _read(CONFIGS / shipped.transformer)
+    encoders = sorted(folder.glob("text_encoder*/config.json"))
+    if encoders:
+        text = [_read(path) for path in encoders]
+    elif shipped:
+        text = [_read(CONFIGS / name) for name in shipped.text_encoders]
+    else:
+        raise UserError(f"model.path: {folder} has no text_encoder/config.json to size the cache stage from")
+    vae = folder / "vae" / "config.json"
+    if not vae.is_file() and shipped is None:
+        raise UserError(f"model.path: {folder} has no vae/config.json to size the cache stage from")
+    return Configs(label, transformer, text, _read(vae) if vae.is_file() else _read(CONFIGS / shipped.vae))
 
-    def part(sub: str, fallback: str) -> dict:
-        path = folder / sub / "config.json"
-        if path.is_file():
-            return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-        return _read(fallback)
 
-    return label, transformer, part("text_encoder", "umt5-xxl.encoder.json"), part("vae", "wan2.1.vae.json")
+def diffusers_class(config: dict):
+    import diffusers
+
+    return getattr(diffusers, config["_class_name"])
+
+
+def _text_encoder_model(config: dict, dtype: torch.dtype = torch.bfloat16):
+    """The transformers model a text encoder config names, built from the config (weights uninitialised)."""
+    import transformers
+
+    class_name = config.get("_class_name") or config["architectures"][0]
+    cls = getattr(transformers, class_name)
+    kwargs = {k: v for k, v in kwargs_of(config).items() if k != "model_type"}
+    cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = cls(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    for name, module in model.named_modules():  # from_pretrained keeps T5's `wo` in fp32 (overflow)
+        if name.endswith(".wo") and isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=torch.float32))
+    return model.eval()
 
 
 def plan_recipe(recipe: Recipe, **memory) -> Recipe:
@@ -110,10 +169,7 @@ def trace_training(
         two = _trace_raw(recipe, {**transformer_config, "num_layers": 2}, latent)
         three = _trace_raw(recipe, {**transformer_config, "num_layers": 3}, latent)
         raw = {k: two[k] + (layers - 2) * (three[k] - two[k]) for k in two}
-        raw["block_frozen"], raw["linear_params"] = (
-            three["block_frozen"],
-            three["linear_params"] * layers // 3,
-        )
+        raw["block_frozen"] = three["block_frozen"]  # one block's weights, not a sum
     mem = recipe.memory
     notes = (
         []
@@ -163,14 +219,11 @@ def trace_training(
 def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]) -> dict[str, float]:
     """One training step (forward + backward, optimizer state live) on fake tensors, with the recipe's plan
     applied by memory.apply_memory_plan / lora.add_lora. Byte counts, before the analytic adjustments."""
-    from diffusers import WanTransformer3DModel
-
-    from finetune import flow
+    from finetune import flow, objectives
     from finetune.lora import add_lora, target_modules
-    from finetune.memory import apply_memory_plan, blocks_of
-    from finetune.models import get_family
+    from finetune.memory import all_blocks, apply_memory_plan, blocks_of
 
-    family = get_family(recipe.model.family or "wan")
+    family = family_of(recipe)
     mem = recipe.memory
     quantized = mem.base_dtype in QUANT_BYTES
     # The trace itself runs the fp8 path for nf4/int8 (bitsandbytes kernels have no fake-tensor support):
@@ -179,7 +232,7 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
         recipe, base_dtype="fp8" if quantized else mem.base_dtype, blocks_to_swap=0, activation_offload=False
     )
     with fake_mode(torch.bfloat16), fake_module_to():
-        transformer = WanTransformer3DModel(**transformer_config)
+        transformer = diffusers_class(transformer_config)(**kwargs_of(transformer_config))
         keep_in_fp32(transformer)
         # What `finetune train` holds on the host after loading, before the plan casts or places anything.
         loaded = sum(
@@ -193,8 +246,9 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
         transformer.train()
         blocks = blocks_of(transformer, family.blocks_attr)
         lora = [p for p in transformer.parameters() if p.requires_grad]
-        block_linears = [
-            m.weight for b in blocks for m in b.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad
+        block_linears = [  # what nf4/int8 quantize: the linears of every block list
+            m.weight for b in all_blocks(transformer, family) for m in b.modules()
+            if type(m) is torch.nn.Linear and not m.weight.requires_grad
         ]  # fmt: skip
         block_frozen = sum(
             p.untyped_storage().nbytes() for p in blocks[0].parameters() if not p.requires_grad
@@ -219,16 +273,22 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
                 p.register_post_accumulate_grad_hook(lambda p: tracker.retag(p.grad, "grads"))
 
             x0 = torch.randn(latent, dtype=torch.bfloat16)
-            text = torch.randn(latent[0], recipe.cache.max_sequence_length, transformer_config["text_dim"])
+            text_len = recipe.cache.max_sequence_length
+            text = torch.randn(latent[0], text_len, transformer_config[family.text_dim_key])
+            extras = fake_extras(family, transformer_config, latent, text_len)
             noise = torch.randn_like(x0)
             sigmas = torch.full((latent[0],), 0.5)
             offload = offload_hooks(tracker) if mem.activation_offload else contextlib.nullcontext()
             # CPU autocast stands in for CUDA autocast (accelerate's bf16 mixed precision): matmuls in bf16.
             with torch.autocast("cpu", dtype=torch.bfloat16), offload:
-                prediction = family.predict(
-                    transformer, flow.add_noise(x0, noise, sigmas), flow.timesteps_from_sigmas(sigmas), text
+                noisy = flow.add_noise(x0, noise, sigmas)
+                # Wan TI2V-5B: per-token timesteps (per-token modulation: (B, tokens, 6, dim) fp32 per block).
+                noisy, timesteps, keep = objectives.condition(
+                    family, x0, noisy, flow.timesteps_from_sigmas(sigmas), extras
                 )
-            loss = flow.flow_loss(prediction, flow.velocity_target(x0, noise))
+                prediction = family.predict(transformer, noisy, timesteps, text, extras)
+                del noisy
+            loss = objectives.loss(prediction, flow.velocity_target(x0, noise), keep)
             del prediction
             loss.backward()
             # The optimizer step comes after backward freed the activations: weights + LoRA + grads + state
@@ -261,36 +321,30 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
 def _by_layers(measure, config: dict, *args) -> tuple[int, int]:
     """(weights, peak) of a stack of identical layers, measured with 2 and 3 layers and extended to all of
     them: weights grow by one layer each, a no-grad peak by one layer's weights (activations are freed)."""
-    two = measure({**config, "num_layers": 2}, *args)
-    three = measure({**config, "num_layers": 3}, *args)
-    n = config["num_layers"]
+    key = "num_layers" if "num_layers" in config else "num_hidden_layers"  # diffusers/T5 | Llama/CLIP
+    two = measure({**config, key: 2}, *args)
+    three = measure({**config, key: 3}, *args)
+    n = config[key]
     return tuple(a + (n - 2) * (b - a) for a, b in zip(two, three, strict=True))
 
 
 def _text_encoder(config: dict, tokens: int) -> tuple[int, int]:
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    def build():
-        model = UMT5EncoderModel(UMT5Config(**config))
-        for name, module in model.named_modules():  # from_pretrained keeps T5's `wo` in fp32 (overflow)
-            if name.endswith(".wo") and isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=torch.float32))
-        return model.eval()
+    tokens = min(tokens, config.get("max_position_embeddings", tokens))  # CLIP-L (HunyuanVideo) reads 77
 
     def run(model):
-        model(torch.zeros(1, tokens, dtype=torch.long), torch.ones(1, tokens, dtype=torch.long))
+        model(
+            torch.zeros(1, tokens, dtype=torch.long), attention_mask=torch.ones(1, tokens, dtype=torch.long)
+        )
 
-    return no_grad_peak(build, run)
+    return no_grad_peak(lambda: _text_encoder_model(config), run)
 
 
-def _vae(config: dict, video: tuple[int, ...], tiling: bool, decode: bool, dtype: torch.dtype):
-    from diffusers import AutoencoderKLWan
-
+def _vae(config: dict, stride: tuple[int, int], video: tuple[int, ...], tiling: bool, decode: bool, dtype):
     def build():
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            vae = AutoencoderKLWan(**config).eval()
+            vae = diffusers_class(config)(**kwargs_of(config)).eval()
         finally:
             torch.set_default_dtype(previous)
         if tiling:
@@ -299,27 +353,27 @@ def _vae(config: dict, video: tuple[int, ...], tiling: bool, decode: bool, dtype
 
     def run(vae):
         b, _, f, h, w = video
+        channels = config.get("z_dim") or config["latent_channels"]
         if decode:
-            vae.decode(torch.randn(b, config["z_dim"], (f - 1) // 4 + 1, h // 8, w // 8, dtype=dtype))
+            latent = (b, channels, (f - 1) // stride[0] + 1, h // stride[1], w // stride[1])
+            kwargs = (
+                {"temb": torch.tensor([0.05], dtype=dtype)} if config.get("timestep_conditioning") else {}
+            )
+            vae.decode(torch.randn(latent, dtype=dtype), **kwargs)
         else:
             vae.encode(torch.randn(video, dtype=dtype))
 
     return no_grad_peak(build, run)
 
 
-def _transformer_forward(config: dict, latent: tuple[int, ...], text_len: int) -> tuple[int, int]:
-    from diffusers import WanTransformer3DModel
-
+def _transformer_forward(config: dict, family, latent: tuple[int, ...], text_len: int) -> tuple[int, int]:
     def run(model):
-        model(
-            hidden_states=torch.randn(latent),
-            timestep=torch.tensor([500.0]),
-            encoder_hidden_states=torch.randn(latent[0], text_len, config["text_dim"]),
-            return_dict=False,
-        )
+        text = torch.randn(latent[0], text_len, config[family.text_dim_key])
+        extras = fake_extras(family, config, latent, text_len)
+        family.predict(model, torch.randn(latent), torch.tensor([500.0]), text, extras)
 
     def build():
-        model = WanTransformer3DModel(**config).eval()
+        model = diffusers_class(config)(**kwargs_of(config)).eval()
         keep_in_fp32(model)
         return model
 
@@ -336,6 +390,9 @@ class Estimate:
     train_peak_gb: float
     cache_peak_gb: float
     generate_peak_gb: float
+    generate_offload_peak_gb: (
+        float  # `generate --offload model`: text encoder on the CPU, the rest take turns
+    )
     host_train_gb: float
     breakdown: dict[str, dict[str, float]]
     assumptions: list[str]
@@ -354,41 +411,45 @@ def _with_overheads(allocated: int) -> tuple[float, dict[str, float]]:
     return _gb(total), {"workspace_margin": _gb(margin), "cuda_context": CUDA_CONTEXT_GIB}
 
 
-def estimate(recipe: Recipe) -> Estimate:
-    from finetune.models import get_family
+def latent_shape(recipe: Recipe, family, tcfg: dict, batch: int) -> tuple[int, ...]:
+    """The largest bucket's latent shape. Channels: the transformer's output (its input can be wider, e.g. Wan
+    I2V concatenates 20 conditioning channels that predict adds)."""
+    frames = family.valid_frames(recipe.data.frames)
+    t_stride, s_stride = family.vae_stride
+    channels = tcfg.get("out_channels") or tcfg["in_channels"]
+    h, w = recipe.data.height // s_stride, recipe.data.width // s_stride
+    return (batch, channels, (frames - 1) // t_stride + 1, h, w)
 
-    family = get_family(recipe.model.family or "wan")
-    label, tcfg, te_cfg, vae_cfg = model_configs(recipe)
+
+def estimate(recipe: Recipe) -> Estimate:
+    family = family_of(recipe)
+    label, tcfg, text_cfgs, vae_cfg = model_configs(recipe)
     frames = family.valid_frames(recipe.data.frames)
     width, height = recipe.data.width, recipe.data.height
-    t_stride, s_stride = family.vae_stride
-    latent = (
-        recipe.train.batch_size,
-        tcfg["in_channels"],
-        (frames - 1) // t_stride + 1,
-        height // s_stride,
-        width // s_stride,
-    )
+    latent = latent_shape(recipe, family, tcfg, recipe.train.batch_size)
     pt, ph, pw = family.patch
     tokens = latent[2] // pt * (latent[3] // ph) * (latent[4] // pw)
     text_len = recipe.cache.max_sequence_length
     mem = recipe.memory
+    video = (1, 3, frames, height, width)
 
     # Training: the transformer only (the cache stage has freed the encoders before it loads).
     tr = trace_training(recipe, tcfg, latent)
     train_gb, train_over = _with_overheads(tr.peak)
     train = {**{k: _gb(v) for k, v in tr.at_peak.items()}, **train_over, "total": train_gb}
 
-    # Caching: text encoder and VAE are resident together (cache.py loads both), one runs at a time.
-    te_weights, te_peak = _by_layers(_text_encoder, te_cfg, text_len)
-    te_act = te_peak - te_weights
+    # Caching: the text encoder(s) and the VAE are resident together (cache.py loads them all), one runs at a
+    # time.
+    encoders = [_by_layers(_text_encoder, cfg, text_len) for cfg in text_cfgs]
+    te_weights = sum(w for w, _ in encoders)
+    te_act = max(peak - w for w, peak in encoders)
     if mem.text_encoder == "cpu":
         te_gpu, te_act = 0, 0
     elif mem.text_encoder == "int8":
-        te_gpu = _int8_weights(te_cfg)
+        te_gpu = sum(_int8_weights(cfg) for cfg in text_cfgs)
     else:
         te_gpu = te_weights
-    vae_w, vae_peak = _vae(vae_cfg, (1, 3, frames, height, width), mem.vae_tiling, False, torch.float32)
+    vae_w, vae_peak = _vae(vae_cfg, family.vae_stride, video, mem.vae_tiling, False, torch.float32)
     cache_alloc = te_gpu + vae_w + max(te_act, vae_peak - vae_w)
     cache_gb, cache_over = _with_overheads(cache_alloc)
     cache = {
@@ -400,12 +461,18 @@ def estimate(recipe: Recipe) -> Estimate:
         "total": cache_gb,
     }
 
-    # Generation (`finetune generate`): the whole bf16 pipeline on the GPU, one component running at a time.
-    gen_latent = (1, *latent[1:])
-    tf_w, tf_peak = _by_layers(_transformer_forward, tcfg, gen_latent, text_len)
-    dvae_w, dvae_peak = _vae(vae_cfg, (1, 3, frames, height, width), False, True, torch.bfloat16)
-    gen_alloc = te_weights + tf_w + dvae_w + max(te_peak - te_weights, tf_peak - tf_w, dvae_peak - dvae_w)
+    # Generation (`finetune generate`), bf16: the whole pipeline on the GPU with one component running at a time,
+    # or (--offload model) each component moved to the GPU only while it runs.
+    tf_w, tf_peak = _by_layers(_transformer_forward, tcfg, family, (1, *latent[1:]), text_len)
+    dvae_w, dvae_peak = _vae(vae_cfg, family.vae_stride, video, False, True, torch.bfloat16)
+    gen_alloc = te_weights + tf_w + dvae_w + max(te_act, tf_peak - tf_w, dvae_peak - dvae_w)
     gen_gb, gen_over = _with_overheads(gen_alloc)
+    # --offload model: the text encoder runs on the CPU; the VAE decodes in tiles.
+    _, tiled_peak = _vae(vae_cfg, family.vae_stride, video, True, True, torch.bfloat16)
+    offload_gb, _ = _with_overheads(max(tf_peak, tiled_peak))
+    # --offload blocks: besides, the transformer's blocks stream in one at a time (two resident while copying).
+    layers = tcfg.get("num_layers") or tcfg["num_hidden_layers"]
+    streamed_gb, _ = _with_overheads(max(tf_peak - tf_w + 2 * tf_w // layers, tiled_peak))
     generate = {
         "text_encoder_weights": _gb(te_weights),
         "transformer_weights": _gb(tf_w),
@@ -414,6 +481,8 @@ def estimate(recipe: Recipe) -> Estimate:
         "vae_decode_activations": _gb(dvae_peak - dvae_w),
         **gen_over,
         "total": gen_gb,
+        "total_with_offload": offload_gb,
+        "total_with_block_offload": streamed_gb,
     }
     # The cache stage has freed the encoders before training loads the transformer.
     host = max(tr.loaded, tr.swapped + tr.host_offloaded)
@@ -424,7 +493,7 @@ def estimate(recipe: Recipe) -> Estimate:
         *tr.assumptions,
     ]
     if mem.text_encoder == "int8":
-        assumptions.append("text encoder int8: linear weights 1 byte + row scales, embedding bf16")
+        assumptions.append("text encoder int8: linear weights 1 byte + row scales, the rest bf16")
     if mem.text_encoder == "cpu":
         assumptions.append(
             f"text encoder on the CPU while caching: ~{_gb(te_weights):.1f} GiB of host RAM instead of GPU memory"
@@ -438,6 +507,7 @@ def estimate(recipe: Recipe) -> Estimate:
         train_peak_gb=train_gb,
         cache_peak_gb=cache_gb,
         generate_peak_gb=gen_gb,
+        generate_offload_peak_gb=offload_gb,
         host_train_gb=_gb(host),
         breakdown={"train": train, "cache": cache, "generate": generate},
         assumptions=assumptions,
@@ -446,28 +516,22 @@ def estimate(recipe: Recipe) -> Estimate:
 
 def estimate_training(recipe: Recipe) -> tuple[float, float]:
     """(GPU GiB with overheads, host GiB) of training alone: the quick estimate `finetune train` prints."""
-    from finetune.models import get_family
-
-    family = get_family(recipe.model.family or "wan")
-    _, tcfg, _, _ = model_configs(recipe)
-    frames = family.valid_frames(recipe.data.frames)
-    t_stride, s_stride = family.vae_stride
-    h, w = recipe.data.height // s_stride, recipe.data.width // s_stride
-    trace = trace_training(
-        recipe, tcfg, (recipe.train.batch_size, tcfg["in_channels"], (frames - 1) // t_stride + 1, h, w)
-    )
+    family = family_of(recipe)
+    tcfg = model_configs(recipe).transformer
+    trace = trace_training(recipe, tcfg, latent_shape(recipe, family, tcfg, recipe.train.batch_size))
     host = max(trace.loaded, trace.swapped + trace.host_offloaded)
     return _with_overheads(trace.peak)[0], host / GiB
 
 
 def _int8_weights(config: dict) -> int:
-    """umT5 with its linears in int8 (1 byte + an fp32 scale per row) and the embedding left in bf16."""
-    d, ff, heads, kv, layers = (config[k] for k in ("d_model", "d_ff", "num_heads", "d_kv", "num_layers"))
-    attention = 4 * d * heads * kv
-    gated_ffn = 3 * d * ff
-    linear = layers * (attention + gated_ffn)
-    rows = layers * (3 * heads * kv + d + 2 * ff + d)
-    return linear + 4 * rows + 2 * config["vocab_size"] * d
+    """A text encoder with its linears in int8 (1 byte + an fp32 scale per output row), everything else bf16.
+    Counted on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        model = _text_encoder_model(config)
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = {id(w) for w in linear}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in ids)
+    return sum(w.numel() + 4 * w.shape[0] for w in linear) + 2 * rest
 
 
 def format_table(est: Estimate) -> str:
@@ -479,9 +543,16 @@ def format_table(est: Estimate) -> str:
         ("cache", "cache_peak_gb"),
         ("generate", "generate_peak_gb"),
     ):
-        parts = {k: v for k, v in est.breakdown[stage].items() if k != "total"}
+        parts = {k: v for k, v in est.breakdown[stage].items() if not k.startswith("total")}
         detail = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v)
         lines.append(f"  {stage:<9}{getattr(est, key):>7.2f} GiB   ({detail})")
+    lines.append(
+        f"  generate {est.generate_offload_peak_gb:>7.2f} GiB   with --offload model (text encoder on the CPU, transformer and VAE take turns)"
+    )
+    blocks = est.breakdown["generate"]["total_with_block_offload"]
+    lines.append(
+        f"  generate {blocks:>7.2f} GiB   with --offload blocks (transformer blocks streamed from host RAM)"
+    )
     lines.append(f"  host RAM for training ~{est.host_train_gb:.1f} GiB")
     lines += [f"  - {a}" for a in est.assumptions]
     return "\n".join(lines)

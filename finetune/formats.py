@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from finetune.comfy_names import (  # noqa: F401  (re-exported: the Wan map's home was here)
+    COMFY_FUSED,
     COMFY_MAPS,
     WAN_BLOCK_NAMES,
     WAN_OTHER_NAMES,
@@ -40,6 +41,9 @@ from finetune.errors import UserError
 from finetune.io import atomic_save_safetensors, atomic_write_text
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name (finetune.lora re-exports it)
+# Wan 2.2 A14B's low-noise expert (transformer_2): the same `transformer.` keys in a second file, which diffusers
+# loads with load_lora_weights(..., weight_name=this, load_into_transformer_2=True). See finetune/experts.py.
+TRANSFORMER_2_WEIGHTS_NAME = "pytorch_lora_weights_transformer_2.safetensors"
 COMFY_NAME = "pytorch_lora_weights_comfy.safetensors"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -126,7 +130,7 @@ def find_weights(path: Path) -> Path:
         return path
     if not path.is_dir():
         raise UserError(f"--lora: {path} not found (give an adapter folder or its .safetensors file)")
-    for name in (WEIGHTS_NAME, PEFT_WEIGHTS, COMFY_NAME):
+    for name in (WEIGHTS_NAME, TRANSFORMER_2_WEIGHTS_NAME, PEFT_WEIGHTS, COMFY_NAME):
         if (path / name).is_file():
             return path / name
     found = sorted(path.glob("*.safetensors"))
@@ -406,6 +410,13 @@ def write_diffusers(adapter: Adapter, file: Path) -> Path:
 
 def comfy_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     family = comfy_family(adapter)
+    if family in COMFY_FUSED:  # HunyuanVideo: ComfyUI fuses q, k, v (and the MLP input) into one layer
+        tensors = {}
+        for original, (down, up, alpha) in COMFY_FUSED[family](adapter.layers).items():
+            tensors[f"diffusion_model.{original}.lora_A.weight"] = down
+            tensors[f"diffusion_model.{original}.lora_B.weight"] = up
+            tensors[f"diffusion_model.{original}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        return tensors
     if family not in COMFY_MAPS:
         raise UserError(
             f"ComfyUI layout: no key map for the '{family}' family (known: {', '.join(COMFY_MAPS)})"

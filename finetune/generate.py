@@ -50,18 +50,76 @@ def load_pipeline(
     loras: list[tuple[str, float]],
     family_name: str | None = None,
     base: str | None = None,
-    mode: str = "t2v",
+    mode: str | None = "t2v",  # None: no generation (merge)
+    offload: str = "none",
 ):
-    """The family's diffusers pipeline with each adapter loaded at its scale (and checked: see load_adapters).
-    A generation `mode` the family cannot run fails here, before any weights load."""
+    """The family's diffusers pipeline with each adapter loaded at its scale (and checked: see load_adapters),
+    placed on the device as `offload` says (see place_pipeline). A generation `mode` the family cannot run fails
+    here, before any weights load."""
     cfg = ModelConfig(path=model, family=family_name, base=base)
     source = resolve_source(cfg)
     family = family_for(cfg, source)
-    mode_runner(family, mode)
+    if mode:
+        mode_runner(family, mode)
     device, dtype = _device_and_dtype()
     pipe = family.load_pipeline(source, dtype)
     load_adapters(pipe, loras)
-    return pipe.to(device), family
+    return place_pipeline(pipe, device, offload), family
+
+
+OFFLOAD_CHOICES = ("auto", "none", "model", "blocks")
+
+
+def place_pipeline(pipe, device: torch.device, offload: str):
+    """Where each component lives while generating (`finetune estimate` prints the peak of `none` and `model`):
+    `none`: all on the device, fastest (Wan2.1 1.3B at 832x480x81: ~21 GiB, 12.5 of it the umT5 text encoder).
+    `model`: the text encoder(s) run on the CPU and only their output goes to the device; the transformer and
+      the VAE take turns on it (diffusers' model offload); the VAE decodes in tiles. 1.3B: ~5 GiB, for a slower
+      prompt encoding and one host->device copy of the transformer per clip.
+    `blocks`: as `model`, but the transformer stays in host RAM and its blocks stream in one at a time on a side
+      CUDA stream (diffusers' group offloading), for a transformer that does not fit (14B: 26.7 GiB in bf16).
+    `auto`: the first of none / model / blocks whose resident weights plus a quarter fit the free memory."""
+    modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    if offload == "auto":
+        offload = "none"
+        if device.type == "cuda":
+            size = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in modules.items()}
+            transformer = max(v for n, v in size.items() if n.startswith("transformer"))
+            free, _ = torch.cuda.mem_get_info()
+            fits = {"none": sum(size.values()), "model": transformer}
+            offload = next((k for k, need in fits.items() if need * 1.25 < free), "blocks")
+            say(
+                f"--offload auto: {offload} ({sum(size.values()) / 2**30:.1f} GiB of weights, {free / 2**30:.1f} free)"
+            )
+    if offload == "none":
+        return pipe.to(device)
+    if offload not in OFFLOAD_CHOICES:
+        raise UserError(f"--offload: '{offload}' is not one of {', '.join(OFFLOAD_CHOICES)}")
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import send_to_device
+
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    for name, module in modules.items():
+        if name.startswith("text_encoder"):
+            remove_hook_from_module(module, recurse=True)
+            module.to("cpu")
+            # Inputs come to the CPU, outputs go back to where the pipeline computes.
+            module.register_forward_pre_hook(
+                lambda _, args, kwargs: (send_to_device(args, "cpu"), send_to_device(kwargs, "cpu")),
+                with_kwargs=True,
+            )
+            module.register_forward_hook(lambda _, __, output: send_to_device(output, device))
+        elif offload == "blocks" and name.startswith("transformer"):
+            module.enable_group_offload(
+                onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                use_stream=device.type == "cuda",
+            )  # fmt: skip
+        elif offload == "blocks":
+            module.to(device)
+    if hasattr(getattr(pipe, "vae", None), "enable_tiling"):
+        pipe.vae.enable_tiling()
+    return pipe
 
 
 def _fit(family: Family, s: GenerateSettings) -> GenerateSettings:
@@ -107,11 +165,14 @@ def generation_mode(s: GenerateSettings) -> str:
 
 def mode_runner(family: Family, mode: str):
     """The family's function for `mode`, or one line naming the families that can run it."""
-    run = family.modes.get(mode) or (mode == "t2v" and (lambda pipe, _: (pipe, {})))
+    run = family.modes.get(mode) or (mode == "t2v" and not family.variant and (lambda pipe, _: (pipe, {})))
+    if not run and mode == "t2v":  # an image-to-video model (Wan I2V / FLF2V) needs its first frame
+        raise UserError(f"the {family.name} {family.variant} model animates an image: give --image PNG")
     if not run:
         able = families_with_mode(mode)
+        kind = f"the {family.name} family" + (f" ({family.variant} model)" if family.variant else "")
         raise UserError(
-            f"{MODE_FLAGS[mode]}: the {family.name} family cannot do this; families that can: "
+            f"{MODE_FLAGS[mode]}: {kind} cannot do this; families that can: "
             f"{', '.join(able) if able else 'none yet'}"
         )
     return run
@@ -258,13 +319,17 @@ def merge(
     diffusers pipeline loads with `from_pretrained` (or only the transformer/ folder)."""
     if not loras:
         raise UserError("merge: give at least one --lora PATH[:SCALE]")
-    pipe, _ = load_pipeline(model, loras, base=base)
-    pipe.fuse_lora(components=["transformer"])
+    pipe, _ = load_pipeline(model, loras, base=base, mode=None)
+    # Wan 2.2 A14B: both experts (each adapter's transformer_2 file went into transformer_2).
+    two = getattr(pipe, "transformer_2", None) is not None
+    components = ["transformer", "transformer_2"] if two else ["transformer"]
+    pipe.fuse_lora(components=components)
     pipe.unload_lora_weights()  # drops the LoRA layers; the fused weights stay in the base layers
     out = Path(out)
     with atomic_dir(out) as folder:
         if transformer_only:
-            pipe.transformer.save_pretrained(folder / "transformer")
+            for component in components:
+                getattr(pipe, component).save_pretrained(folder / component)
         else:
             pipe.save_pretrained(folder)
     say(f"merged {len(loras)} adapter(s) into {out}")

@@ -82,7 +82,12 @@ def base_license(base: str) -> str | None:
     return next((lic for prefix, lic in KNOWN_LICENSES.items() if base.startswith(prefix)), None)
 
 
-PIPELINES = {"wan": "WanPipeline", "ltx": "LTXPipeline", "cogvideox": "CogVideoXPipeline"}
+PIPELINES = {
+    "wan": "WanPipeline",
+    "ltx": "LTXPipeline",
+    "cogvideox": "CogVideoXPipeline",
+    "hunyuan": "HunyuanVideoPipeline",
+}
 
 
 def model_card(info: dict[str, Any], sample: str | None = None) -> str:
@@ -110,6 +115,7 @@ def model_card(info: dict[str, Any], sample: str | None = None) -> str:
     targets = info.get("targets", "-")
     targets = targets if isinstance(targets, str) else ", ".join(targets)
     pipeline = PIPELINES.get(info["family"], "DiffusionPipeline")
+    load_lines, comfy_text = _adapter_loading(info.get("experts") or [])
     loss = info.get("final_loss")
     rows = [
         ("steps", info.get("steps", "-")),
@@ -147,15 +153,13 @@ from diffusers import {pipeline}
 from diffusers.utils import export_to_video
 
 pipe = {pipeline}.from_pretrained("{info["base_model"]}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("path/or/hub-id/of/this/adapter", adapter_name="style")
+{load_lines}
 pipe.set_adapters(["style"], adapter_weights=[1.0])
 video = pipe("{prompt}", num_frames=81, height=480, width=832).frames[0]
 export_to_video(video, "out.mp4", fps=16)
 ```
 
-ComfyUI: put `pytorch_lora_weights_comfy.safetensors` in `ComfyUI/models/loras/` and load it with a
-"LoraLoaderModelOnly" node on the base model (make it with
-`finetune convert THIS_FOLDER --to comfy --out THIS_FOLDER` if it is not here).
+{comfy_text}
 
 finetune:
 
@@ -169,6 +173,39 @@ finetune generate --model {info["base_model"]} --lora THIS_FOLDER:1.0 --prompt "
 |---|---|
 {table}
 """
+
+
+_ADAPTER = '"path/or/hub-id/of/this/adapter"'
+_COMFY_ONE = """ComfyUI: put `pytorch_lora_weights_comfy.safetensors` in `ComfyUI/models/loras/` and load it with a
+"LoraLoaderModelOnly" node on the base model (make it with
+`finetune convert THIS_FOLDER --to comfy --out THIS_FOLDER` if it is not here)."""
+
+
+def _adapter_loading(experts: list[str]) -> tuple[str, str]:
+    """The diffusers lines and the ComfyUI paragraph: one file, or Wan 2.2 A14B's file per expert (the
+    high-noise `transformer`'s and the low-noise `transformer_2`'s, see finetune/experts.py)."""
+    if not experts:
+        return f'pipe.load_lora_weights({_ADAPTER}, adapter_name="style")', _COMFY_ONE
+    lines, files, comfy = [], [], []
+    if "high" in experts:
+        lines.append(f'pipe.load_lora_weights({_ADAPTER}, adapter_name="style")  # high-noise expert')
+        files.append("`pytorch_lora_weights.safetensors` (the high-noise expert, `transformer`)")
+        comfy.append("`pytorch_lora_weights_comfy.safetensors` on the high-noise model")
+    if "low" in experts:
+        lines.append(
+            f"pipe.load_lora_weights({_ADAPTER},\n"
+            '                       weight_name="pytorch_lora_weights_transformer_2.safetensors",\n'
+            '                       adapter_name="style", load_into_transformer_2=True)  # low-noise expert'
+        )
+        files.append(
+            "`pytorch_lora_weights_transformer_2.safetensors` (the low-noise expert, `transformer_2`)"
+        )
+        comfy.append("`pytorch_lora_weights_transformer_2_comfy.safetensors` on the low-noise model")
+    text = (
+        f"Wan 2.2 two-expert adapter: {' and '.join(files)}. ComfyUI: load {' and '.join(comfy)}, each with a "
+        '"LoraLoaderModelOnly" node (written with `output.formats: [comfy]`, or `finetune convert` each file).'
+    )
+    return "\n".join(lines), text
 
 
 def check_card(card_text: str, source: str = "README.md") -> Any:

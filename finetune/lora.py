@@ -50,7 +50,7 @@ def target_modules(family: Family, transformer: torch.nn.Module, targets: str | 
     else:
         suffixes = tuple(targets)
     linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-    in_blocks = [n for n in linears if n.startswith(f"{family.blocks_attr}.")]
+    in_blocks = [n for n in linears if n.startswith(tuple(f"{blocks}." for blocks in family.block_lists))]
     chosen = []
     for suffix in suffixes:
         hits = [n for n in in_blocks if n == suffix or n.endswith("." + suffix)]
@@ -98,28 +98,35 @@ def _config_for_diffusers(transformer: torch.nn.Module) -> dict[str, Any]:
     return {f"transformer.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
-def save_adapter(transformer: torch.nn.Module, out_dir: Path, info: dict[str, Any]) -> Path:
-    """Writes `out_dir/pytorch_lora_weights.safetensors` atomically; `info` goes into the header."""
+def save_adapter(
+    transformer: torch.nn.Module, out_dir: Path, info: dict[str, Any], weights_name: str = WEIGHTS_NAME
+) -> Path:
+    """Writes `out_dir/pytorch_lora_weights.safetensors` atomically (Wan 2.2 A14B's low-noise expert: the
+    `..._transformer_2` file, same `transformer.` keys); `info` goes into the header."""
     metadata = {
         "format": "pt",
         DIFFUSERS_METADATA_KEY: json.dumps(_config_for_diffusers(transformer), sort_keys=True, default=str),
         OUR_METADATA_KEY: json.dumps({**info, "kit_version": finetune.__version__}, sort_keys=True),
     }
-    path = Path(out_dir) / WEIGHTS_NAME
+    path = Path(out_dir) / weights_name
     atomic_save_safetensors(lora_state_dict(transformer), path, metadata)
     return path
 
 
-def write_extra_formats(folder: Path, formats: list[str]) -> list[Path]:
-    """The ComfyUI file and/or peft folder files beside a saved diffusers adapter (`output.formats`)."""
-    from finetune.formats import COMFY_NAME, write_comfy, write_peft
+def write_extra_formats(folder: Path, formats: list[str], weights_name: str = WEIGHTS_NAME) -> list[Path]:
+    """The ComfyUI file and/or peft folder files beside a saved diffusers adapter (`output.formats`). The
+    low-noise expert of Wan 2.2 A14B gets its own: `..._transformer_2_comfy.safetensors`, peft under
+    transformer_2/."""
+    from finetune.experts import comfy_name
+    from finetune.formats import write_comfy, write_peft
 
-    adapter = read_adapter(Path(folder) / WEIGHTS_NAME)
+    adapter = read_adapter(Path(folder) / weights_name)
     written = []
     if "comfy" in formats:
-        written.append(write_comfy(adapter, Path(folder) / COMFY_NAME))
+        written.append(write_comfy(adapter, Path(folder) / comfy_name(weights_name)))
     if "peft" in formats:
-        written.append(write_peft(adapter, Path(folder)))
+        peft_dir = Path(folder) if weights_name == WEIGHTS_NAME else Path(folder) / "transformer_2"
+        written.append(write_peft(adapter, peft_dir))
     return written
 
 
@@ -205,47 +212,69 @@ def load_adapters(pipe, loras: list[tuple[str, float]]) -> list[str]:
     """Loads each adapter (any layout: diffusers, ComfyUI, kohya, peft) onto the pipeline's transformer at its
     scale, and accounts for every layer: diffusers warns and carries on when keys do not match, which users meet
     as "it loaded but did nothing". Here one layer without a home stops the load, naming the base the adapter
-    was trained for; a good load prints one line with the counts."""
+    was trained for; a good load prints one line with the counts. A Wan 2.2 A14B adapter folder's second file
+    (`pytorch_lora_weights_transformer_2.safetensors`, the low-noise expert) goes into `transformer_2`."""
+    from finetune.experts import adapter_parts
+
     names = []
-    for i, (path, _) in enumerate(loras):
-        file = adapter_file(path)
-        adapter = read_adapter(file)
+    placed: dict[str, list[tuple[str, float]]] = {}  # component -> (adapter name, scale) loaded into it
+    for i, (path, scale) in enumerate(loras):
         name = f"lora{i}"
-        report = match_report(pipe.transformer, adapter)
-        total = len(adapter.layers)
-        if report.problems:
-            trained_for = adapter.info.get("base_model", "an unknown base")
-            examples = (report.unexpected[:2] + report.shape_mismatch[:2])[:3]
-            raise UserError(
-                f"--lora {path}: {report.problems} of {total} LoRA layers found no match in this model "
-                f"({len(report.unexpected)} with no such layer, {len(report.shape_mismatch)} with another shape; "
-                f"e.g. {examples}); the adapter was trained for {trained_for}"
-            )
-        if adapter.format == "diffusers":
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-        else:  # converted in memory; alpha travels in the config, the tensors are the file's own
-            pipe.load_lora_into_transformer(
-                diffusers_state_dict(adapter),
-                transformer=pipe.transformer,
-                adapter_name=name,
-                metadata=json.loads(diffusers_config_json(adapter)),
-                _pipeline=pipe,
-            )
-        missing = sorted(set(adapter.layers) - _wrapped(pipe.transformer, name))
-        if missing:
-            raise UserError(
-                f"--lora {path}: {len(missing)} of {total} LoRA layers found no match in this model after "
-                f"loading (e.g. {missing[:2]}); the adapter was trained for "
-                f"{adapter.info.get('base_model', 'an unknown base')}"
-            )
-        say(
-            f"--lora {path}: {len(report.matched)}/{total} layers matched ({adapter.format} layout, rank "
-            f"{'/'.join(map(str, adapter.ranks()))}), 0 missing, 0 unexpected, 0 shape mismatches"
-        )
+        for component, file in adapter_parts(adapter_file(path)):
+            model = getattr(pipe, component, None)
+            if model is None:
+                raise UserError(
+                    f"--lora {path}: {file.name} is the low-noise expert's adapter (transformer_2 of Wan 2.2 "
+                    "A14B), and this model has one transformer; give it a Wan 2.2 A14B base"
+                )
+            _load_one(pipe, component, model, file, name, path)
+            placed.setdefault(component, []).append((name, scale))
         names.append(name)
-    if names:
+    if not names:
+        return names
+    if getattr(pipe, "transformer_2", None) is None:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    else:  # per expert: diffusers' pipe.set_adapters wants every name in both denoisers
+        for component, entries in placed.items():
+            getattr(pipe, component).set_adapters([n for n, _ in entries], [s for _, s in entries])
     return names
+
+
+def _load_one(pipe, component: str, model: torch.nn.Module, file: Path, name: str, path: str) -> None:
+    adapter = read_adapter(file)
+    report = match_report(model, adapter)
+    total = len(adapter.layers)
+    where = "" if component == "transformer" else f" ({file.name} into {component})"
+    if report.problems:
+        trained_for = adapter.info.get("base_model", "an unknown base")
+        examples = (report.unexpected[:2] + report.shape_mismatch[:2])[:3]
+        raise UserError(
+            f"--lora {path}{where}: {report.problems} of {total} LoRA layers found no match in this model "
+            f"({len(report.unexpected)} with no such layer, {len(report.shape_mismatch)} with another shape; "
+            f"e.g. {examples}); the adapter was trained for {trained_for}"
+        )
+    second = {"load_into_transformer_2": True} if component == "transformer_2" else {}
+    if adapter.format == "diffusers":
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name, **second)
+    else:  # converted in memory; alpha travels in the config, the tensors are the file's own
+        pipe.load_lora_into_transformer(
+            diffusers_state_dict(adapter),
+            transformer=model,
+            adapter_name=name,
+            metadata=json.loads(diffusers_config_json(adapter)),
+            _pipeline=pipe,
+        )
+    missing = sorted(set(adapter.layers) - _wrapped(model, name))
+    if missing:
+        raise UserError(
+            f"--lora {path}{where}: {len(missing)} of {total} LoRA layers found no match in this model after "
+            f"loading (e.g. {missing[:2]}); the adapter was trained for "
+            f"{adapter.info.get('base_model', 'an unknown base')}"
+        )
+    say(
+        f"--lora {path}{where}: {len(report.matched)}/{total} layers matched ({adapter.format} layout, rank "
+        f"{'/'.join(map(str, adapter.ranks()))}), 0 missing, 0 unexpected, 0 shape mismatches"
+    )
 
 
 # --- inspect, merge into one LoRA, resize ----------------------------------------------------------------

@@ -28,6 +28,12 @@ def blocks_of(transformer: torch.nn.Module, blocks_attr: str) -> torch.nn.Module
     return getattr(transformer, blocks_attr)
 
 
+def all_blocks(transformer: torch.nn.Module, family) -> list[torch.nn.Module]:
+    """Every transformer block, of each of the family's block lists (HunyuanVideo: dual- then single-stream)."""
+    names = family.block_lists if family is not None else ("blocks",)
+    return [block for name in names for block in getattr(transformer, name)]
+
+
 # --- base weights: fp8 storage or bitsandbytes quantization -------------------------------------------------
 
 
@@ -65,9 +71,9 @@ def quantize_linears(
     return count
 
 
-def _apply_base_dtype(transformer, recipe: Recipe, device: torch.device, blocks) -> None:
+def _apply_base_dtype(transformer, recipe: Recipe, device: torch.device, blocks: list) -> None:
     base = recipe.memory.base_dtype
-    compute = next(m.weight.dtype for m in blocks.modules() if isinstance(m, torch.nn.Linear))
+    compute = next(m.weight.dtype for m in blocks[0].modules() if isinstance(m, torch.nn.Linear))
     if base == "fp8":
         # float8 e4m3 storage: 1 byte per weight (1.3B: 2.8 -> ~1.5 GB); each layer is upcast just before it runs
         # and dropped after, so only one layer's full-precision copy exists at a time. Norms and embeddings stay.
@@ -109,12 +115,14 @@ def split_block_recompute(blocks: torch.nn.ModuleList, ffn_chunks: int) -> None:
     largest). Checkpointing the self-attention, cross-attention and FFN again inside the block, and the FFN per
     token chunk, holds only one of them (one chunk of the FFN) at a time, for one more forward of each."""
     for block in blocks:
-        for name in ("attn1", "attn2"):
+        for name in ("attn1", "attn2", "attn"):  # Wan, LTX, CogVideoX: attn1/attn2; HunyuanVideo: attn
             module = getattr(block, name, None)
             if module is not None:
                 module.forward = _checkpointed(module.forward)
-        if getattr(block, "ffn", None) is not None:
-            block.ffn.forward = _checkpointed(block.ffn.forward, ffn_chunks)
+        for name in ("ffn", "ff"):  # Wan: ffn; the others: ff
+            module = getattr(block, name, None)
+            if module is not None:
+                module.forward = _checkpointed(module.forward, ffn_chunks)
 
 
 # --- block swap ---------------------------------------------------------------------------------------------
@@ -429,7 +437,7 @@ def apply_memory_plan(
         raise UserError("memory.blocks_to_swap does not support base_dtype=int8 yet; use fp8 or nf4")
     # The model arrives in its compute dtype (bf16; fp32 on the CPU), some norms kept fp32: ask a block linear.
     compute = next(m.weight.dtype for m in blocks.modules() if isinstance(m, torch.nn.Linear))
-    _apply_base_dtype(transformer, recipe, device, blocks)
+    _apply_base_dtype(transformer, recipe, device, all_blocks(transformer, family))
     if recipe.train.gradient_checkpointing:
         # Keeps only each block's input for backward and recomputes the rest: at 832x480x81 on Wan 1.3B this is
         # the difference between ~100 GiB and ~10 GiB at the peak (estimated), for ~30% more compute.

@@ -70,6 +70,15 @@ def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
 
 def for_family(family, source, train_cfg, sigma_range: tuple[float, float] = (0.0, 1.0)):
     """The objective a family was trained with, read from the base model's own scheduler where it has one."""
+    if train_cfg.first_frame_conditioning and family.condition is None:
+        from finetune.errors import UserError
+        from finetune.models import families_with_condition
+
+        raise UserError(
+            f"train.first_frame_conditioning: {family.name} {family.variant or 'text-to-video'} models have no "
+            f"first-frame conditioning to train (models that do: {', '.join(families_with_condition())}); "
+            "remove the key"
+        )
     if family.objective == "v_prediction":
         from finetune.models import load_scheduler_config
 
@@ -77,5 +86,42 @@ def for_family(family, source, train_cfg, sigma_range: tuple[float, float] = (0.
     return FlowMatching(train_cfg.timestep_sampling, train_cfg.flow_shift or family.flow_shift, sigma_range)
 
 
-def loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return flow.flow_loss(prediction, target)  # MSE in fp32, whatever the objective
+def first_frame_condition(x0, noisy, timesteps, chosen: torch.Tensor, patch: tuple[int, int]):
+    """-> (model input, per-token timesteps (B, tokens), loss mask). For the `chosen` clips (B,) the clean first
+    latent frame replaces the noisy one and its tokens get timestep 0, as the image-to-video pipelines sample
+    (WanImageToVideoPipeline with `expand_timesteps`, LTXImageToVideoPipeline); the loss leaves that frame out
+    (it is given, not predicted). Tokens in the order the transformer patches (frame, row, column) with
+    `patch` = its (height, width) patch. A one-frame batch (images) has nothing to condition on: unchanged."""
+    if x0.shape[2] < 2:
+        return noisy, timesteps, None
+    b = len(x0)
+    mask = torch.ones(b, 1, *x0.shape[2:], dtype=noisy.dtype, device=noisy.device)  # 1 = noisy, 0 = given
+    mask[:, :, 0] = (~chosen).to(mask).view(b, 1, 1, 1)  # arithmetic, not boolean indexing (fake tensors)
+    model_input = (1 - mask) * x0 + mask * noisy
+    per_token = (mask[:, 0, :, :: patch[0], :: patch[1]] * _expand(timesteps, mask[:, 0])).flatten(1)
+    return model_input, per_token, mask.bool()
+
+
+def condition(family, x0, noisy, timesteps, extras: dict, share: float | None = None, generator=None):
+    """-> (model input, timesteps, loss mask or None): the family's first-frame conditioning (Wan 2.2 TI2V-5B,
+    LTX-Video) on a `share` of the clips (None: the family's default), drawn from `generator`; unchanged for
+    families without it."""
+    share = family.condition_share if share is None else share
+    if family.condition is None or share <= 0:
+        return noisy, timesteps, None
+    if share >= 1:
+        chosen = torch.ones(len(x0), dtype=torch.bool, device=x0.device)
+    else:
+        chosen = (torch.rand(len(x0), generator=generator) < share).to(x0.device)
+    return family.condition(x0, noisy, timesteps, extras, chosen)
+
+
+def loss(prediction: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE in fp32, whatever the objective; with `keep` (broadcastable to the latents) only over the kept
+    elements (the given condition frames are not predicted, so they are not scored)."""
+    if keep is None:
+        return flow.flow_loss(prediction, target)
+    # A weighted sum, not boolean indexing: no data-dependent shapes (the estimate traces it on fake tensors).
+    weight = keep.to(torch.float32)
+    squared = (prediction.float() - target.float()).square()
+    return (squared * weight).sum() / weight.expand_as(prediction).sum()

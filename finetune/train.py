@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import objectives
+from finetune import experts, objectives
 from finetune.cache import build_cache, encode_device
 from finetune.checkpoint import (
     batch_generator,
@@ -44,13 +44,13 @@ from finetune.guards import StopOnSignal, bad_steps_message, gradient_norm, out_
 from finetune.hub import model_card
 from finetune.io import atomic_write_text
 from finetune.logs import TrainingLog, summary
-from finetune.lora import WEIGHTS_NAME, add_lora, save_adapter, target_modules, write_extra_formats
+from finetune.lora import add_lora, save_adapter, target_modules, write_extra_formats
 from finetune.memory import apply_memory_plan
 from finetune.models import family_for, resolve_source
 from finetune.ui import progress, say
 from finetune.validation import Validation, fixed_noise_loss, free_memory, split_holdout
 
-__all__ = ["compute_dtype", "fixed_noise_loss", "lr_factor", "train"]
+__all__ = ["compute_dtype", "fixed_noise_loss", "lr_factor", "train", "train_expert"]
 
 
 def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
@@ -64,18 +64,28 @@ def compute_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def lr_factor(step: int, recipe: Recipe) -> float:
-    """Linear warmup, then constant or cosine down to zero at the last step."""
+def lr_factor(step: int, recipe: Recipe, total_steps: int | None = None) -> float:
+    """Linear warmup, then constant or cosine down to zero at the last step (of the phase: `total_steps`)."""
     t = recipe.train
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     if t.schedule == "cosine":
-        progress_ = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        progress_ = (step - t.warmup_steps) / max(1, (total_steps or t.steps) - t.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
     return 1.0
 
 
 def train(recipe: Recipe) -> Path:
+    """One phase for a one-transformer model; Wan 2.2 A14B's experts one after the other, each loaded alone
+    and freed before the next (finetune.experts)."""
+    for phase_recipe, expert in experts.phases(recipe):
+        path = train_expert(phase_recipe, expert)
+        free_memory()  # the finished expert's weights, before the next one loads
+    return path
+
+
+def train_expert(recipe: Recipe, expert: experts.Expert) -> Path:
+    """Trains `expert.component` on its noise levels for the steps [expert.first_step, expert.last_step)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -119,9 +129,10 @@ def train(recipe: Recipe) -> Path:
     # Validation encodes its prompts now, while the text encoder can still have the GPU to itself.
     validation = None
     if t.validation.every and main:
-        validation = Validation(recipe, family, source, holdout_files, device, encode_device()[1])
+        validation = Validation(recipe, family, source, holdout_files, device, encode_device()[1],
+                                clip_for_images=(holdout_files or train_files or [None])[0])  # fmt: skip
     say(f"loading the {family.name} transformer from {source.transformer}")
-    transformer = family.load_transformer(source, dtype)
+    transformer = family.load_transformer(expert.source(source), dtype)
     # The memory plan (base dtype, checkpointing, ...; memory.plan=auto picks one) and the estimate: memory.py.
     plan = apply_memory_plan(transformer, recipe, device, family)
     modules = target_modules(family, transformer, recipe.lora.targets)
@@ -130,14 +141,15 @@ def train(recipe: Recipe) -> Path:
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = plan.finish(transformer, params)  # places the model on the GPU (or swaps blocks), optimizer
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe, expert.steps))
     ema = LoraEMA(transformer, t.ema) if t.ema else None
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[False, False])
     model = accelerator.unwrap_model(transformer)  # the module itself, for saving and sampling
-    objective = objectives.for_family(family, source, t)  # flow matching, or the family's own (CogVideoX)
+    # Flow matching (on the expert's own noise levels), or the family's own objective (CogVideoX).
+    objective = objectives.for_family(family, source, t, expert.sigma_range)
 
     # 3. Where the run stands: fresh, or the checkpoint's weights, moments, schedule, losses and data position.
-    step0, batches, losses, skipped, val_losses = 0, 0, [], 0, {}
+    step0, batches, losses, skipped, val_losses = expert.first_step, 0, [], 0, {}
     signature = data_signature(train_files, t.batch_size, t.seed)
     stream = {"seed": t.seed, "offset": 0}  # the batch stream in use and the batch count where it started
     if resumed:
@@ -190,9 +202,13 @@ def train(recipe: Recipe) -> Path:
             "trigger": recipe.data.trigger,
             "final_loss": sum(tail) / len(tail) if tail else float("nan"),
             "recipe_hash": recipe.digest(),
+            "expert": expert.name,  # Wan 2.2 A14B: high | low (None: a one-transformer model)
         }
-        adapter = save_adapter(model, folder, info)
-        write_extra_formats(folder, recipe.output.formats)  # the ComfyUI / peft copies, when asked for
+        adapter = save_adapter(model, folder, info, expert.weights_name)
+        # The ComfyUI / peft copies, when asked for; a low-phase checkpoint also gets the finished high adapter.
+        write_extra_formats(folder, recipe.output.formats, expert.weights_name)
+        experts.copy_finished(out_dir, folder, expert)
+        info["experts"] = experts.present(folder)  # the card names both files of a two-expert adapter
         if ema:
             ema.save(folder)
         atomic_write_text(folder / "README.md", model_card(info))
@@ -208,6 +224,7 @@ def train(recipe: Recipe) -> Path:
             "losses": losses,
             "skipped": skipped,
             "val_losses": val_losses,
+            "expert": expert.name,  # which expert this checkpoint trains (None: a one-transformer model)
         }
         if main:
             write_checkpoint(checkpoints, steps_done, write_adapter, optimizer, scheduler, rng, progress_now,
@@ -247,7 +264,8 @@ def train(recipe: Recipe) -> Path:
             StopOnSignal() as stop:  # fmt: skip
         if validation and not (out_dir / "samples" / "base").is_dir():
             validate(out_dir / "samples" / "base", 0, "base")
-        bar = progress(range(step0, t.steps), initial=step0, total=t.steps, desc="training", unit="step",
+        bar = progress(range(step0, expert.last_step), initial=step0, total=t.steps, unit="step",
+                       desc="training" if expert.name is None else f"training the {expert.label}",
                        disable=not main)  # fmt: skip
         for step in bar:
             started = time.perf_counter()
@@ -268,9 +286,16 @@ def train(recipe: Recipe) -> Path:
                     # Gradients are averaged across processes only on the last micro-batch.
                     last = micro == t.grad_accum - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(transformer):
-                        noisy, timesteps, target = objective.noise(x0, noise, batch_generator(t.seed, index))
-                        prediction = family.predict(transformer, noisy, timesteps.to(device), text, extras)
-                        loss = objectives.loss(prediction, target)
+                        # Sigmas, then which clips are image-conditioned: one seeded stream per batch.
+                        draws = batch_generator(t.seed, index)
+                        noisy, timesteps, target = objective.noise(x0, noise, draws)
+                        # Wan TI2V-5B, LTX: a clean first frame is given (timestep 0 on its tokens), not scored.
+                        share = t.first_frame_conditioning
+                        noisy, timesteps, keep = objectives.condition(
+                            family, x0, noisy, timesteps.to(device), extras, share, draws
+                        )
+                        prediction = family.predict(transformer, noisy, timesteps, text, extras)
+                        loss = objectives.loss(prediction, target, keep)
                         accelerator.backward(loss / t.grad_accum)
                     step_loss += loss.item() / t.grad_accum
                 grad_norm = gradient_norm(params, t.max_grad_norm, accelerator)
@@ -322,7 +347,9 @@ def train(recipe: Recipe) -> Path:
                 validate(out_dir / "samples" / f"step-{done}", done, "samples")
             if world > 1 and t.validation.every and done % t.validation.every == 0:
                 accelerator.wait_for_everyone()
-            periodic = recipe.output.save_every and (done % recipe.output.save_every == 0 or done == t.steps)
+            periodic = recipe.output.save_every and (
+                done % recipe.output.save_every == 0 or done == expert.last_step
+            )
             if stopping or (
                 periodic and bad_in_a_row == 0
             ):  # a checkpoint in a bad streak would be no better
@@ -335,9 +362,9 @@ def train(recipe: Recipe) -> Path:
                 raise KeyboardInterrupt
 
     # 6. The adapter, its card and the resolved recipe.
-    path = out_dir / WEIGHTS_NAME
+    path = out_dir / expert.weights_name
     if main:
-        path = write_adapter(out_dir, t.steps)
+        path = write_adapter(out_dir, expert.last_step)
         places = {
             "adapter": path.parent,
             "checkpoints": checkpoints if checkpoint_dirs(checkpoints) else None,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from finetune import flow
+from finetune import flow, objectives
 from finetune.config import Recipe
-from finetune.data.batches import collate
+from finetune.data.batches import collate, text_tensors
 from finetune.errors import UserError
 from finetune.models import Family, Source
 from finetune.ui import say
@@ -61,14 +61,11 @@ def fixed_noise_loss(
         for sigma in sigmas:
             s = torch.tensor([sigma])
             noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-            prediction = family.predict(
-                transformer,
-                flow.add_noise(x0, noise, s),
-                flow.timesteps_from_sigmas(s).to(x0.device),
-                text,
-                extras,
+            noisy, timesteps, keep = objectives.condition(
+                family, x0, flow.add_noise(x0, noise, s), flow.timesteps_from_sigmas(s).to(x0.device), extras
             )
-            total += flow.flow_loss(prediction, flow.velocity_target(x0, noise)).item()
+            prediction = family.predict(transformer, noisy, timesteps, text, extras)
+            total += objectives.loss(prediction, flow.velocity_target(x0, noise), keep).item()
             count += 1
     return total / count
 
@@ -82,6 +79,7 @@ class Validation:
         holdout: list[Path],
         device: torch.device,
         text_dtype: torch.dtype,
+        clip_for_images: Path | None = None,  # image-to-video models: the cached clip samples start from
     ):
         v = recipe.train.validation
         self.recipe, self.family, self.source, self.holdout, self.device = (
@@ -94,16 +92,24 @@ class Validation:
         self.prompts = list(v.prompts)
         self.last_pipeline: weakref.ref | None = None
         self.vae = None
-        self.embeds: list[torch.Tensor] = []
-        self.negative: torch.Tensor | None = None
+        self.images: dict = {}  # an image-to-video model's first (and last) frame, for every sample
+        self.embeds: list[dict[str, torch.Tensor]] = []  # per prompt: `text` (and a family's `text_*`)
+        self.negative: dict[str, torch.Tensor] | None = None
         if self.prompts:
             say(f"encoding {len(self.prompts)} validation prompt(s)")
             encoders = family.load_encoders(source, device, text_dtype)
             length = recipe.cache.max_sequence_length
             texts = family.encode_prompts(encoders, [*self.prompts, ""], length)
             # Zero-padded to the pipeline's length, as the pipeline pads its own prompts.
-            padded = [collate([{"latents": torch.zeros(1), "text": t}], length)["text"] for t in texts]
+            padded = [collate([{"latents": torch.zeros(1), **text_tensors([t])}], length) for t in texts]
+            padded = [{k: v for k, v in p.items() if k != "latents"} for p in padded]
             self.embeds, self.negative = padded[:-1], padded[-1]
+            # An image-to-video model (Wan I2V / FLF2V) samples from the first (and last) frame of a cached clip.
+            if "t2v" not in family.modes and clip_for_images is not None:
+                self.images = condition_images(encoders.vae, clip_for_images, "last_image" in family.modes)
+            elif "t2v" not in family.modes:
+                say("note: no cached clip to take a first frame from: validation samples are skipped")
+                self.prompts = []
             self.vae = encoders.vae.to("cpu")
             del encoders, texts
             free_memory()
@@ -143,14 +149,14 @@ class Validation:
         try:
             for i, (prompt, embeds) in enumerate(zip(self.prompts, self.embeds, strict=True)):
                 out = pipe(
-                    prompt_embeds=embeds.to(self.device),
-                    negative_prompt_embeds=self.negative.to(self.device),
+                    **self._text_kwargs(embeds),
                     width=width,
                     height=height,
                     num_frames=frames,
                     num_inference_steps=v.steps,
                     generator=torch.Generator(self.device).manual_seed(v.seed + i),
                     output_type="np",
+                    **self.images,
                 )
                 video = (out.frames[0].clip(0, 1) * 255).round().astype("uint8")
                 del out
@@ -164,19 +170,50 @@ class Validation:
             free_memory()
         return paths
 
+    def _text_kwargs(self, embeds: dict[str, torch.Tensor]) -> dict:
+        prompt = {k: v.to(self.device) for k, v in embeds.items()}
+        negative = {k: v.to(self.device) for k, v in self.negative.items()}
+        if self.family.pipeline_text_kwargs:  # e.g. HunyuanVideo: mask and pooled CLIP embedding too
+            return self.family.pipeline_text_kwargs(prompt, negative)
+        return {"prompt_embeds": prompt["text"], "negative_prompt_embeds": negative["text"]}
+
     def _pipeline(self, transformer):
         """The family's pipeline around the in-memory transformer: only the scheduler's config is read."""
         from diffusers import DiffusionPipeline
 
+        from finetune.models import model_index
+
+        # No text encoder or tokenizer (HunyuanVideo has two of each): the prompts are already encoded.
+        unused = {k: None for k in model_index(self.source.base) if k.startswith(("text_enc", "tokenizer"))}
         pipe = DiffusionPipeline.from_pretrained(
             self.source.base,
             transformer=transformer,
             vae=self.vae.to(self.device),
-            text_encoder=None,
-            tokenizer=None,
+            **unused,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+@torch.no_grad()
+def condition_images(vae, item: Path, last: bool) -> dict:
+    """{"image": first frame (, "last_image": last frame)} of a cached clip as PIL images, decoded from its
+    latents (the cache keeps no pixels): what an image-to-video model's validation samples start from. Decoding
+    only the first latent frame gives the first frame (the VAE is causal); the last frame needs the whole clip."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    param = next(vae.parameters())
+    latents = load_file(str(item))["latents"].unsqueeze(0).to(param.device, param.dtype)
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
+    video = vae.decode((latents if last else latents[:, :, :1]) * std + mean).sample[0].float().cpu()
+
+    def picture(frame: torch.Tensor):
+        return Image.fromarray(((frame.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+    return {"image": picture(video[:, 0])} | ({"last_image": picture(video[:, -1])} if last else {})
 
 
 def _slug(text: str) -> str:

@@ -22,7 +22,11 @@ def tiny_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def build_tiny_wan(folder: Path, seed: int = 0, text_dim: int = 24, layers: int = 2) -> Path:
+def build_tiny_wan(
+    folder: Path, seed: int = 0, text_dim: int = 24, layers: int = 2, boundary_ratio: float | None = None
+) -> Path:
+    """`boundary_ratio`: a Wan 2.2 A14B-style pipeline, a second transformer (the low-noise expert, other
+    weights) saved as transformer_2 and the boundary in model_index.json."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -36,19 +40,23 @@ def build_tiny_wan(folder: Path, seed: int = 0, text_dim: int = 24, layers: int 
     text_encoder = UMT5EncoderModel(
         UMT5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=48, num_layers=1, num_heads=2)
     )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=16,
-        out_channels=16,
-        text_dim=text_dim,
-        freq_dim=32,
-        ffn_dim=40,
-        num_layers=layers,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+
+    def tiny_transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=16,
+            out_channels=16,
+            text_dim=text_dim,
+            freq_dim=32,
+            ffn_dim=40,
+            num_layers=layers,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+
+    transformer = tiny_transformer()
     # B of a fresh output projection is random, as in a pretrained model (diffusers initialises it non-zero).
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
@@ -59,6 +67,7 @@ def build_tiny_wan(folder: Path, seed: int = 0, text_dim: int = 24, layers: int 
         transformer=transformer,
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        **({"transformer_2": tiny_transformer(), "boundary_ratio": boundary_ratio} if boundary_ratio else {}),
     )
     pipe.save_pretrained(folder)
     return Path(folder)

@@ -25,13 +25,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIERS = [
-    "recipes/wan/wan2.1-t2v-1.3b_24gb.yaml",
-    "recipes/wan/wan2.1-t2v-1.3b_12gb.yaml",
-    "recipes/wan/wan2.1-t2v-1.3b_8gb.yaml",
-    "recipes/wan/wan2.1-t2v-14b_24gb.yaml",
-    "recipes/wan/wan2.1-t2v-14b_16gb.yaml",
-]
+# Every tier recipe (`<model>_<N>gb.yaml`) of every family, each model's largest card first.
+TIERS = sorted(
+    (str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*/*_*gb.yaml")),
+    key=lambda r: (
+        Path(r).parent.name,
+        Path(r).stem.rsplit("_", 1)[0],
+        -float(Path(r).stem.rsplit("_", 1)[1][:-2]),
+    ),
+)
 # The plan of the unconstrained baseline each tier's speed is compared with.
 BASELINE = [
     "memory.base_dtype=bf16", "memory.activation_offload=false", "memory.blocks_to_swap=0", "memory.ffn_chunks=0",
@@ -101,20 +103,67 @@ def plan_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def model_of(recipe: str) -> str:
-    return "14B" if "14b" in Path(recipe).stem.lower() else "1.3B"
+    """The model a tier recipe trains (its file name before `_<N>gb`): one baseline per model."""
+    return Path(recipe).stem.rsplit("_", 1)[0]
 
 
-def step_flops(config: dict, tokens: int, text_tokens: int) -> float:
-    """Model FLOPs of one LoRA training step (forward + backward; recomputation and the small LoRA matmuls not
-    counted, as MFU conventionally does): block linears 2 (forward) + 2 (input gradients; frozen weights need no
-    weight gradients) per weight and token; attention scores and values 4*T*S*D forward, twice that backward, for self (S=T) and cross (S=text)."""
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    layers, ffn = config["num_layers"], config["ffn_dim"]
-    # per block: self-attention q, k, v, out + cross-attention q, out + FFN act on the video tokens; the
-    # cross-attention k, v act on the text tokens.
-    linear = 4 * layers * ((6 * d * d + 2 * d * ffn) * tokens + 2 * d * d * text_tokens)
-    attention = layers * 12 * d * tokens * (tokens + text_tokens)
-    return float(linear + attention)
+def cpu_attention_flops() -> dict:
+    """torch's FLOP formulas cover the CUDA attention kernels; the trace runs on the CPU's flash kernel."""
+    import torch
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)
+        ),
+    }
+
+
+def step_flops(recipe) -> float:
+    """Model FLOPs of one LoRA training step at the recipe's size, as PyTorch dispatches them: forward and
+    backward counted by torch's FlopCounterMode on fake tensors (no weights, no compute), without the
+    recomputation of gradient checkpointing (MFU counts model work, not the memory plan's extra work); frozen
+    weights get no weight gradients, so a block linear costs 2 (forward) + 2 (input gradient) FLOPs per weight
+    and token. Traced with 2 and 3 blocks and extended to all of them, like `finetune estimate`."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from finetune import flow
+    from finetune.estimate import (
+        diffusers_class,
+        family_of,
+        kwargs_of,
+        latent_shape,
+        model_configs,
+        plan_recipe,
+    )
+    from finetune.lora import add_lora, target_modules
+    from finetune.tracing import fake_mode, fake_module_to, keep_in_fp32
+
+    family, config = family_of(recipe), model_configs(recipe).transformer
+    plain = plan_recipe(recipe, base_dtype="bf16", blocks_to_swap=0, activation_offload=False, ffn_chunks=0)
+
+    def count(layers: int) -> int:
+        with fake_mode(torch.bfloat16), fake_module_to():
+            model = diffusers_class(config)(**kwargs_of({**config, "num_layers": layers}))
+            keep_in_fp32(model)
+            add_lora(model, plain.lora, target_modules(family, model, plain.lora.targets))
+            x0 = torch.randn(latent_shape(plain, family, config, 1))
+            text_len = plain.cache.max_sequence_length
+            text = torch.randn(1, text_len, config[family.text_dim_key])
+            extras = family.fake_extras(config, 1, text_len) if family.fake_extras else {}
+            sigmas = torch.full((1,), 0.5)
+            counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flops())
+            with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+                noisy = flow.add_noise(x0, torch.randn_like(x0), sigmas)
+                out = family.predict(model, noisy, flow.timesteps_from_sigmas(sigmas), text, extras)
+                out.float().square().mean().backward()
+            return counter.get_total_flops()
+
+    two, three = count(2), count(3)
+    return float(two + (config["num_layers"] - 2) * (three - two))
 
 
 def gpu_peak_tflops(name: str, override: float | None) -> float | None:
@@ -193,14 +242,14 @@ def run_row(row: Row, steps: int, peak_tflops: float | None) -> Row:
 
     from finetune import flow
     from finetune.config import load_recipe
-    from finetune.estimate import CUDA_CONTEXT_GIB, model_configs
+    from finetune.estimate import CUDA_CONTEXT_GIB, family_of, latent_shape, model_configs
     from finetune.lora import add_lora, target_modules
     from finetune.memory import apply_memory_plan
-    from finetune.models import get_family
 
     recipe = load_recipe(ROOT / row.recipe, row.overrides)
-    family = get_family(recipe.model.family or "wan")
-    _, config, _, _ = model_configs(recipe)
+    family = family_of(recipe)
+    config = model_configs(recipe).transformer
+    flops = step_flops(recipe)  # on fake tensors, before anything is on the GPU
     device = torch.device("cuda")
     transformer = _random_transformer(config)
     torch.cuda.empty_cache()
@@ -216,14 +265,13 @@ def run_row(row: Row, steps: int, peak_tflops: float | None) -> Row:
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = plan.finish(transformer, params)
-    frames = family.valid_frames(recipe.data.frames)
-    t_stride, s_stride = family.vae_stride
-    latent = (1, config["in_channels"], (frames - 1) // t_stride + 1, recipe.data.height // s_stride,
-              recipe.data.width // s_stride)  # fmt: skip
-    tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
-    text = torch.randn(
-        1, recipe.cache.max_sequence_length, config["text_dim"], device=device, dtype=torch.bfloat16
-    )
+    latent = latent_shape(recipe, family, config, 1)
+    pt, ph, pw = family.patch
+    tokens = latent[2] // pt * (latent[3] // ph) * (latent[4] // pw)
+    text_len = recipe.cache.max_sequence_length
+    text = torch.randn(1, text_len, config[family.text_dim_key], device=device, dtype=torch.bfloat16)
+    extras = family.fake_extras(config, 1, text_len) if family.fake_extras else {}
+    extras = {k: v.to(device, torch.bfloat16) for k, v in extras.items()}
     times = []
     try:
         for _ in range(steps):
@@ -238,6 +286,7 @@ def run_row(row: Row, steps: int, peak_tflops: float | None) -> Row:
                     flow.add_noise(x0, noise, sigmas),
                     flow.timesteps_from_sigmas(sigmas).to(device),
                     text,
+                    extras,
                 )
             loss = flow.flow_loss(prediction, flow.velocity_target(x0, noise))
             del prediction
@@ -257,9 +306,7 @@ def run_row(row: Row, steps: int, peak_tflops: float | None) -> Row:
         row.tokens_per_s = tokens / row.s_per_step
         peak = gpu_peak_tflops(torch.cuda.get_device_name(device), peak_tflops)
         if peak:
-            row.mfu = (
-                step_flops(config, tokens, recipe.cache.max_sequence_length) / row.s_per_step / (peak * 1e12)
-            )
+            row.mfu = flops / row.s_per_step / (peak * 1e12)
     return row
 
 
@@ -267,20 +314,19 @@ def _random_transformer(config: dict):
     """Random bf16 weights, built on the GPU when it fits (fast init), then moved to the host, where
     `finetune train` has it after loading; on a smaller card built on the CPU directly."""
     import torch
-    from diffusers import WanTransformer3DModel
 
-    from finetune.estimate import keep_in_fp32
+    from finetune.estimate import diffusers_class, keep_in_fp32, kwargs_of
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         try:
             with torch.device("cuda"):
-                model = WanTransformer3DModel(**config)
+                model = diffusers_class(config)(**kwargs_of(config))
             model = model.cpu()
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            model = WanTransformer3DModel(**config)
+            model = diffusers_class(config)(**kwargs_of(config))
     finally:
         torch.set_default_dtype(previous)
     keep_in_fp32(model)

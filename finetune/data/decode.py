@@ -2,7 +2,11 @@
 
 `probe` reads what planning needs (displayed size, readable frame count, fps) without decoding more than the
 first frame. `decode_windows` decodes a video once, front to back, and yields each requested window as soon as
-its last frame is in. Every frame is scaled down by FFmpeg's swscale straight from the decoder's YUV picture to
+its last frame is in; over a stretch of frames no window needs, it seeks to the last keyframe before the next
+needed frame instead of decoding through (`seek.py`), with the same frames as a decode from the start.
+
+Phone clips are often stored sideways with a display rotation (the display matrix; older FFmpeg builds exposed
+it as a `rotate` tag): probe reports the size as displayed, and frames are turned upright after scaling. Every frame is scaled down by FFmpeg's swscale straight from the decoder's YUV picture to
 the bucket's size and cropped, so a 1920x1080 source never exists as a full-size RGB array: memory is one decoded
 YUV frame plus the window's small frames, whatever the source resolution.
 """
@@ -19,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.data.discover import IMAGE_EXTS
+from finetune.data.seek import indexed_frames
 
 # Everything PyAV and PIL raise for a bad file; anything else is a bug in our code and should surface.
 _DECODE_ERRORS = (
@@ -44,6 +49,9 @@ class MediaInfo:
     fps: float | None  # None for images and streams that do not say
     is_image: bool
     header_frames: int = 0  # frames the container claims; more than `frames` means a truncated file
+    rotation: int = (
+        0  # degrees counterclockwise turned to display it (0, 90, 180, 270); width/height as shown
+    )
 
     @property
     def seconds(self) -> float | None:
@@ -68,9 +76,12 @@ def _probe_image(path: Path) -> MediaInfo:
         image.verify()  # walks the file's structure (PNG: every chunk's CRC) without decoding pixels
     with Image.open(path) as image:  # verify() leaves the image unusable: open it again for the facts
         width, height = image.size
-        if image.getexif().get(0x0112) in _ROTATED:
+        orientation = image.getexif().get(0x0112)
+        if orientation in _ROTATED:
             width, height = height, width
-    return MediaInfo(width, height, 1, None, True, 1)
+    # EXIF orientation -> counterclockwise degrees turned to show it (5 and 7 also mirror it)
+    rotation = {3: 180, 6: 270, 8: 90, 5: 270, 7: 90}.get(orientation, 0)
+    return MediaInfo(width, height, 1, None, True, 1, rotation=rotation)
 
 
 def _probe_video(path: Path) -> MediaInfo:
@@ -91,8 +102,28 @@ def _probe_video(path: Path) -> MediaInfo:
         first = next(iter(container.decode(stream)), None)  # proves the codec really decodes this file
         if first is None:
             raise MediaError("cannot be decoded: no video frames")
-        width, height = first.width, first.height
-    return MediaInfo(width, height, packets, fps, False, header)
+        turns = quarter_turns(first, stream)
+        width, height = (first.height, first.width) if turns % 2 else (first.width, first.height)
+    return MediaInfo(width, height, packets, fps, False, header, rotation=90 * turns)
+
+
+def quarter_turns(frame: av.VideoFrame, stream) -> int:
+    """Counterclockwise quarter turns (0-3) that show the frame as the camera meant it."""
+    return turns_from(getattr(frame, "rotation", None), stream.metadata.get("rotate"))
+
+
+def turns_from(matrix_degrees: float | None, rotate_tag: str | None) -> int:
+    """`VideoFrame.rotation` (PyAV 18 has it) is the display matrix's angle, counterclockwise as FFmpeg counts it.
+    Without it (older PyAV), fall back to the `rotate` stream tag, clockwise degrees, which older FFmpeg builds
+    exported instead of the matrix. Flips in the matrix are ignored (rare in camera files)."""
+    if matrix_degrees is not None:
+        degrees = float(matrix_degrees)
+    else:
+        try:
+            degrees = -float(rotate_tag) if rotate_tag else 0.0
+        except ValueError:  # a tag we cannot read: show the frames as stored
+            degrees = 0.0
+    return round(degrees / 90) % 4
 
 
 def _video_stream(container) -> av.VideoStream:
@@ -129,45 +160,50 @@ def decode_windows(
     path: Path, windows: list[tuple[int, ...]], width: int, height: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yields (window number, (3, F, H, W) tensor) for each window of source frame indices, in the order the
-    windows complete. Decoding stops after the last needed frame; frames are dropped once no pending window
-    needs them (a `chain` over a long clip holds one window's frames, not the clip's)."""
+    windows complete. Decoding stops after the last needed frame and seeks over long unneeded stretches; frames
+    are dropped once no pending window needs them (a `chain` over a long clip holds one window's frames)."""
     path = Path(path)
     pending = sorted(range(len(windows)), key=lambda w: max(windows[w]))
     needed = {i for window in windows for i in window}
     last = max(needed)
     kept: dict[int, np.ndarray] = {}
-    decoded = 0
+    seen = 0  # frames up to the latest one decoded (its index + 1)
     try:
         with av.open(str(path)) as container:
             stream = _video_stream(container)
-            for frame in container.decode(stream):
-                if decoded in needed:
-                    kept[decoded] = _fit(frame, width, height)
-                decoded += 1
-                while pending and max(windows[pending[0]]) < decoded:
+            for index, frame in indexed_frames(path, container, stream, sorted(needed)):
+                if index in needed:
+                    kept[index] = _fit(frame, width, height, quarter_turns(frame, stream))
+                seen = index + 1
+                while pending and max(windows[pending[0]]) < seen:
                     number = pending.pop(0)
                     yield number, _to_tensor([kept[i] for i in windows[number]])
-                    oldest = min((min(windows[w]) for w in pending), default=decoded)
+                    oldest = min((min(windows[w]) for w in pending), default=seen)
                     kept = {i: a for i, a in kept.items() if i >= oldest}
-                if decoded > last:
+                if seen > last:
                     return  # long clips: stop decoding once we have what training uses
     except PermissionError:
         raise MediaError("cannot be read (permission denied)") from None
     except _DECODE_ERRORS as e:
-        raise MediaError(f"cannot be decoded after {decoded} frames: {_short(e, path)}") from e
-    if decoded == 0:
+        raise MediaError(f"cannot be decoded after {seen} frames: {_short(e, path)}") from e
+    if seen == 0:
         raise MediaError("cannot be decoded: no video frames")
-    raise MediaError(f"has {decoded} frames; needs {last + 1}")
+    raise MediaError(f"has {seen} frames; needs {last + 1}")
 
 
-def _fit(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-    """Scale to cover width x height (swscale, from YUV) and center-crop: (height, width, 3) uint8."""
-    scale = max(width / frame.width, height / frame.height)
-    cover_w = max(width, round(frame.width * scale))
-    cover_h = max(height, round(frame.height * scale))
+def _fit(frame: av.VideoFrame, width: int, height: int, turns: int = 0) -> np.ndarray:
+    """Scale to cover width x height as displayed (swscale, from YUV), turn upright, center-crop:
+    (height, width, 3) uint8. Turning after scaling moves only the small frame's bytes."""
+    shown_w, shown_h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+    scale = max(width / shown_w, height / shown_h)
+    cover_w = max(width, round(shown_w * scale))
+    cover_h = max(height, round(shown_h * scale))
+    stored_w, stored_h = (cover_h, cover_w) if turns % 2 else (cover_w, cover_h)
     small = frame.reformat(
-        width=cover_w, height=cover_h, format="rgb24", interpolation="BICUBIC"
+        width=stored_w, height=stored_h, format="rgb24", interpolation="BICUBIC"
     ).to_ndarray()
+    if turns:
+        small = np.rot90(small, turns)  # counterclockwise, like the display matrix (checked against ffmpeg)
     top, left = (cover_h - height) // 2, (cover_w - width) // 2
     return small[top : top + height, left : left + width]
 

@@ -1,8 +1,9 @@
 """Find the training media under a folder and pair each file with its caption(s).
 
 Discovery only looks at names, sizes, permissions and caption files; whether a file decodes is `decode.probe`'s
-job, so `check-data` can report both kinds of problem through the same `Problem` record. A folder holding
-`metadata.jsonl` or `metadata.csv` is read through that file instead (see `sources.py`).
+job, so `check-data` can report both kinds of problem through the same `Problem` record. Folders laid out for the
+Hugging Face `datasets` library (metadata files, split folders, videos.txt + prompts.txt) are read by
+`sources.py`, which uses this module for the plain case.
 
 Nothing outside the dataset root is ever opened: a symlink whose target lies outside it is reported, not read.
 """
@@ -56,13 +57,9 @@ def discover(root: Path | str, strict: bool = False, dataset: int = 0) -> tuple[
     reported as a warning; `strict=True` turns any problem into a UserError instead.
     """
     root = check_root(root)
-    from finetune.data.sources import find_metadata, metadata_items
+    from finetune.data.sources import read_dataset  # sources builds on this module
 
-    metadata = find_metadata(root)
-    if metadata is not None:
-        items, problems = metadata_items(root, metadata, dataset)
-    else:
-        items, problems = folder_items(root, dataset)
+    items, problems = read_dataset(root, dataset)
     if not items and not problems:
         raise UserError(
             f"data.path: no videos or images found in {root} "
@@ -82,7 +79,10 @@ def raise_if_strict(problems: list[Problem], strict: bool) -> None:
         )
 
 
-def folder_items(root: Path, dataset: int = 0) -> tuple[list[Item], list[Problem]]:
+def folder_items(root: Path, dataset: int = 0, fence: Path | None = None) -> tuple[list[Item], list[Problem]]:
+    """Every media file under root with its same-stem caption. Symlinks may point anywhere inside `fence`
+    (default root; a Hub snapshot's files link into the repository's blob folder)."""
+    fence = fence or root
     items: list[Item] = []
     problems: list[Problem] = []
     for folder, names in _walk(root):
@@ -93,7 +93,7 @@ def folder_items(root: Path, dataset: int = 0) -> tuple[list[Item], list[Problem
             by_stem.setdefault(Path(name).stem, []).append(name)
         for name in media:
             path = Path(folder, name)
-            problem = unsafe_reason(path, root)
+            problem = unsafe_reason(path, fence)
             if problem:
                 problems.append(Problem(path, problem))
                 continue
@@ -105,7 +105,7 @@ def folder_items(root: Path, dataset: int = 0) -> tuple[list[Item], list[Problem
                     Problem(path, f"shares the caption {caption_name} with {others} (same stem)", "warning")
                 )
             caption_file = Path(folder, caption_name) if caption_name else None
-            item, caption_problems = make_item(path, caption_file, root, dataset)
+            item, caption_problems = make_item(path, caption_file, fence, dataset)
             items.append(item)
             problems += caption_problems
     # Sorting on path parts (not the joined string) keeps each folder's files together.

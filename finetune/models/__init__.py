@@ -25,6 +25,19 @@ class Source:
     transformer: str
     transformer_is_file: bool
     base: str  # folder or hub id holding model_index.json, vae/, text_encoder/, tokenizer/, scheduler/
+    # The pipeline component to train: `transformer`, or Wan 2.2 A14B's low-noise `transformer_2` (experts.py).
+    component: str = "transformer"
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A real model `finetune estimate` sizes without downloading it, from configs under models/configs."""
+
+    names: tuple[str, ...]  # lowercase fragments of model.path / model.base that mean this model (any one)
+    label: str
+    transformer: str  # config file names under finetune/models/configs (each names its class)
+    text_encoders: tuple[str, ...]
+    vae: str
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,33 @@ class Family:
     # Generation modes `finetune generate` can run: mode -> fn(pipeline, inputs) -> (pipeline to call, extra
     # call kwargs). "t2v" always; "image", "last_image", "video" (SDEdit), "extend" where the family can.
     modes: dict[str, Callable[[Any, Any], tuple[Any, dict[str, Any]]]] = field(default_factory=dict)
+    # For `finetune estimate`: the real models it knows, the transformer config key holding the text width,
+    # and fake per-batch extras for `predict` (transformer config, batch size, text length) -> {name: tensor};
+    # a None value stands for a tensor shaped like the latents (Wan I2V's condition), made by the estimate.
+    shipped: tuple[ShippedModel, ...] = ()
+    text_dim_key: str = "text_dim"
+    fake_extras: Callable[[dict, int, int], dict[str, torch.Tensor]] | None = None
+    # Variants under one family name (Wan: "" = text-to-video, "i2v", "flf2v", "ti2v"): `specialize(source)`
+    # picks the one the base is (family_for calls it); `variants()` lists them for the modes each can run.
+    variant: str = ""
+    specialize: Callable[[Source], Family] | None = None
+    variants: Callable[[], tuple[Family, ...]] | None = None
+    # First-frame conditioning by latent replacement (Wan 2.2 TI2V-5B, LTX-Video): (x0, noisy, timesteps,
+    # extras, chosen (B,) bool) -> (model input, per-token timesteps, loss mask or None); the loss skips the
+    # given frames (objectives.first_frame_condition). On `condition_share` of the clips unless the recipe's
+    # train.first_frame_conditioning says otherwise.
+    condition: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+    condition_share: float = 0.0
+    # Further block lists after `blocks_attr` whose linears LoRA targets too (HunyuanVideo: its single-stream
+    # blocks after the dual-stream ones). Checkpointing and block swap work on `blocks_attr` only.
+    more_blocks: tuple[str, ...] = ()
+    # The pipeline call's text arguments for cached prompt tensors (collated dicts `text`, `text_*`, on the
+    # device), for the prompt and the negative prompt; None: `prompt_embeds` / `negative_prompt_embeds` only.
+    pipeline_text_kwargs: Callable[[dict, dict], dict[str, Any]] | None = None
+
+    @property
+    def block_lists(self) -> tuple[str, ...]:
+        return (self.blocks_attr, *self.more_blocks)
 
     def valid_frames(self, frames: int) -> int:
         """The largest valid frame count not above `frames` (an image is 1 frame)."""
@@ -89,13 +129,29 @@ def loading(what: str, where: str) -> Iterator[None]:
 
 
 def _registry() -> dict[str, Family]:
-    from finetune.models import cogvideox, ltx, wan
+    from finetune.models import cogvideox, hunyuan, ltx, wan
 
-    return {"wan": wan.FAMILY, "ltx": ltx.FAMILY, "cogvideox": cogvideox.FAMILY}
+    return {"wan": wan.FAMILY, "ltx": ltx.FAMILY, "cogvideox": cogvideox.FAMILY, "hunyuan": hunyuan.FAMILY}
 
 
 def families_with_mode(mode: str) -> list[str]:
-    return sorted(name for name, family in _registry().items() if mode in family.modes)
+    """Family names that can run `mode`; where only some variants can, `name (variant, ...)`."""
+    able = []
+    for name, family in sorted(_registry().items()):
+        if mode in family.modes:
+            able.append(name)
+        elif some := [v.variant for v in (family.variants() if family.variants else ()) if mode in v.modes]:
+            able.append(f"{name} ({', '.join(some)} models)")
+    return able
+
+
+def families_with_condition() -> list[str]:
+    """Family names (and variants) that train first-frame conditioning (train.first_frame_conditioning)."""
+    able = []
+    for name, family in sorted(_registry().items()):
+        variants = (family, *(family.variants() if family.variants else ()))
+        able += [f"{name} {v.variant}".strip() for v in variants if v.condition is not None]
+    return able
 
 
 def get_family(name: str) -> Family:
@@ -156,12 +212,14 @@ def model_index(base: str) -> dict[str, Any]:
 
 
 def family_for(cfg: ModelConfig, source: Source) -> Family:
+    """The family, and within it the variant the base is (e.g. Wan I2V), from model_index.json when unset."""
     if cfg.family:
-        return get_family(cfg.family)
+        family = get_family(cfg.family)
+        return family.specialize(source) if family.specialize else family
     pipeline = model_index(source.base).get("_class_name", "")
     for family in _registry().values():
         if pipeline in family.pipeline_classes:
-            return family
+            return family.specialize(source) if family.specialize else family
     raise UserError(
         f"model.family: cannot tell the family of '{source.base}' (pipeline '{pipeline}'); set it"
     )

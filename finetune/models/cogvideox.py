@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from finetune.errors import UserError
-from finetune.models import Family, Source, common
+from finetune.models import Family, ShippedModel, Source, common
 
 _ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")  # joint text + video attention
 _FFN = ("ff.net.0.proj", "ff.net.2")
@@ -144,9 +144,21 @@ def _video(pipe, inputs):
     }
 
 
+def _specialize(source: Source) -> Family:
+    from finetune.models import cogvideox_i2v
+
+    return cogvideox_i2v.variant_for(source)
+
+
+def _variants() -> tuple[Family, ...]:
+    from finetune.models import cogvideox_i2v
+
+    return (cogvideox_i2v.I2V,)
+
+
 FAMILY = Family(
     name="cogvideox",
-    pipeline_classes=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline"),
+    pipeline_classes=("CogVideoXPipeline", "CogVideoXVideoToVideoPipeline", "CogVideoXImageToVideoPipeline"),
     lora_presets={"blocks": _ATTENTION + _FFN + _MODULATION, "attention": _ATTENTION, "ffn": _FFN},
     blocks_attr="transformer_blocks",
     vae_stride=(4, 8),
@@ -161,4 +173,23 @@ FAMILY = Family(
     load_pipeline=load_pipeline,
     objective="v_prediction",
     modes={"t2v": lambda pipe, inputs: (pipe, _text_length(pipe)), "video": _video},
+    shipped=(
+        ShippedModel(
+            ("cogvideox-5b", "cogvideox_5b"),
+            "CogVideoX-5B",
+            "cogvideox-5b.transformer.json",
+            ("t5-v1_1-xxl.encoder.json",),
+            "cogvideox.vae.json",
+        ),  # fmt: skip
+        ShippedModel(
+            ("cogvideox-2b", "cogvideox_2b"),
+            "CogVideoX-2B",
+            "cogvideox-2b.transformer.json",
+            ("t5-v1_1-xxl.encoder.json",),
+            "cogvideox.vae.json",
+        ),  # fmt: skip
+    ),
+    text_dim_key="text_embed_dim",
+    specialize=_specialize,  # 5B-I2V: finetune/models/cogvideox_i2v.py
+    variants=_variants,
 )

@@ -21,7 +21,7 @@ def load_transformer(cls, source: Source, dtype: torch.dtype, diffusers_probe: s
     if not source.transformer_is_file:
         with loading("the transformer", source.transformer):
             return cls.from_pretrained(
-                source.transformer, subfolder="transformer", **dtype_kwarg("diffusers", dtype)
+                source.transformer, subfolder=source.component, **dtype_kwarg("diffusers", dtype)
             )
     with safe_open(source.transformer, framework="pt") as f:
         keys = set(f.keys())
@@ -30,13 +30,13 @@ def load_transformer(cls, source: Source, dtype: torch.dtype, diffusers_probe: s
             return cls.from_single_file(
                 source.transformer,
                 config=source.base,
-                subfolder="transformer",
+                subfolder=source.component,
                 **dtype_kwarg("diffusers", dtype),
             )
     from safetensors.torch import load_file
 
     with loading("the transformer config", source.base):
-        config = cls.load_config(source.base, subfolder="transformer")
+        config = cls.load_config(source.base, subfolder=source.component)
     model = cls.from_config(config).to(dtype)
     missing, unexpected = model.load_state_dict(load_file(source.transformer), strict=False)
     if missing or unexpected:

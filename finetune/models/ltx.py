@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune.models import Family, Source, common
+from finetune.models import Family, ShippedModel, Source, common
 
 FRAME_RATE = 25  # LTXPipeline's default; only enters through the rotary interpolation scale
 VAE_STRIDE = (8, 32)
@@ -179,6 +179,15 @@ def _extend(pipe, inputs):
     return _condition_pipeline(pipe, inputs), {"conditions": conditions}
 
 
+def first_frame_condition(x0, noisy, timesteps, extras, chosen):
+    """Image-to-video training as LTXImageToVideoPipeline samples: the chosen clips' first latent frame given
+    clean with timestep 0 on its tokens (patch 1: one token per latent pixel), left out of the loss. The causal
+    VAE encodes pixel frame 0 alone, so the clip's first latent frame is the image's latent: nothing cached."""
+    from finetune import objectives
+
+    return objectives.first_frame_condition(x0, noisy, timesteps, chosen, patch=FAMILY.patch[1:])
+
+
 FAMILY = Family(
     name="ltx",
     pipeline_classes=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
@@ -202,4 +211,15 @@ FAMILY = Family(
         "video": _video,
         "extend": _extend,
     },
+    shipped=(
+        ShippedModel(
+            ("ltx-video", "ltxv", "ltx_video"),
+            "LTX-Video 2B (0.9.x)",
+            "ltx-video-2b.transformer.json",
+            ("t5-v1_1-xxl.encoder.json",),
+            "ltx-video-0.9.1.vae.json",
+        ),  # fmt: skip
+    ),
+    text_dim_key="caption_channels",
+    condition=first_frame_condition,  # on train.first_frame_conditioning of the clips (default 0: text-to-video)
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune.models import Family, Source, common
+from finetune.models import Family, ShippedModel, Source, common
 
 _ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0") + (
     "attn2.to_q",
@@ -17,6 +17,7 @@ _ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0") + (
     "attn2.to_out.0",
 )
 _FFN = ("ffn.net.0.proj", "ffn.net.2")
+_UMT5 = ("umt5-xxl.encoder.json",)
 
 
 # A single file whose keys start like this is already in diffusers' layout (e.g. `merge --transformer-only`).
@@ -90,9 +91,21 @@ def _video(pipe, inputs):
     return WanVideoToVideoPipeline.from_pipe(pipe), {"video": inputs.video, "strength": inputs.strength}
 
 
+def _specialize(source: Source) -> Family:
+    from finetune.models import wan_i2v
+
+    return wan_i2v.variant_for(source)
+
+
+def _variants() -> tuple[Family, ...]:
+    from finetune.models import wan_i2v
+
+    return tuple(wan_i2v.VARIANTS.values())
+
+
 FAMILY = Family(
     name="wan",
-    pipeline_classes=("WanPipeline",),
+    pipeline_classes=("WanPipeline", "WanImageToVideoPipeline"),
     lora_presets={"blocks": _ATTENTION + _FFN, "attention": _ATTENTION, "ffn": _FFN},
     blocks_attr="blocks",
     vae_stride=(4, 8),
@@ -106,4 +119,20 @@ FAMILY = Family(
     predict=predict,
     load_pipeline=load_pipeline,
     modes={"t2v": lambda pipe, inputs: (pipe, {}), "video": _video},
+    specialize=_specialize,  # I2V, FLF2V, TI2V-5B: finetune/models/wan_i2v.py
+    variants=_variants,
+    shipped=(
+        # Before "14b": each A14B expert is a Wan 2.1 14B transformer, and training holds one (experts.py).
+        ShippedModel(
+            ("t2v-a14b",),
+            "Wan2.2 T2V A14B (one expert resident)",
+            "wan2.2-t2v-a14b.transformer.json",
+            _UMT5,
+            "wan2.1.vae.json",
+        ),
+        ShippedModel(("14b",), "Wan2.1 T2V 14B", "wan2.1-t2v-14b.transformer.json", _UMT5, "wan2.1.vae.json"),
+        ShippedModel(
+            ("1.3b", "1_3b"), "Wan2.1 T2V 1.3B", "wan2.1-t2v-1.3b.transformer.json", _UMT5, "wan2.1.vae.json"
+        ),
+    ),
 )

@@ -147,3 +147,21 @@ def test_bad_model_is_one_line(tmp_path):
     write_image(folder / "x.png", 8, 8)
     with pytest.raises(UserError, match="cannot load it as a vision-language model"):
         caption_folder(folder, model=str(tmp_path / "missing-model"))
+
+
+@pytest.mark.parametrize(
+    "listing", [("train/metadata.jsonl", '{"file_name": "a.png", "text": "x"}\n'), ("videos.txt", "a.png\n")]
+)
+def test_a_dataset_that_reads_captions_elsewhere_is_refused(tmp_path, listing):
+    """Captions of a metadata file in a split folder, or of prompts.txt, would ignore the .txt files written."""
+    from finetune.errors import UserError
+
+    name, text = listing
+    write_image(tmp_path / "train" / "a.png", 32, 32)
+    (tmp_path / name).write_text(text)
+    (tmp_path / "prompts.txt").write_text("x\n")
+    with pytest.raises(
+        UserError, match=r"(metadata.jsonl|prompts.txt) exists, so training reads captions from it"
+    ):
+        caption_folder(tmp_path, captioner=object())
+    assert not (tmp_path / "train" / "a.txt").exists()

@@ -267,7 +267,7 @@ def test_wan_frame_rule_and_size_multiple():
 def test_unknown_family_is_a_user_error():
     from finetune.models import get_family
 
-    assert "known: cogvideox, ltx, wan" in _error(get_family, "sora")
+    assert "known: cogvideox, hunyuan, ltx, wan" in _error(get_family, "sora")
 
 
 def test_resolve_source_hub_id(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 from finetune.config import build_recipe, load_recipe
 from finetune.estimate import LiveBytes, estimate_training, model_configs, trace_training
 
+RECIPES = Path(__file__).parents[2] / "recipes"
 MODEL_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 MODEL_14B = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 
@@ -51,7 +52,7 @@ def test_live_bytes_counts_storages_once_and_frees_them():
 
 
 def test_shipped_configs_are_the_real_models():
-    _, small, text, vae = model_configs(recipe(MODEL_1_3B))
+    _, small, (text,), vae = model_configs(recipe(MODEL_1_3B))
     _, large, _, _ = model_configs(recipe(MODEL_14B))
     assert small["num_attention_heads"] * small["attention_head_dim"] == 1536 and small["num_layers"] == 30
     assert large["num_attention_heads"] * large["attention_head_dim"] == 5120 and large["num_layers"] == 40
@@ -113,7 +114,7 @@ def test_nf4_is_below_fp8(train_gib):
 
 @pytest.mark.parametrize(
     "path",
-    sorted((Path(__file__).parents[2] / "recipes" / "wan").glob("wan2.1-t2v-*_*gb.yaml")),
+    sorted(RECIPES.glob("wan/wan2.1-t2v-*_*gb.yaml")) + sorted(RECIPES.glob("[lc]*/*_*gb.yaml")),
     ids=lambda p: p.stem,
 )
 def test_each_tier_recipe_is_estimated_to_fit_its_card(path):
