@@ -62,9 +62,15 @@ def _clip():
     return encoder, processor
 
 
-def build_tiny_wan_i2v(folder: Path, seed: int = 0, last_frame: bool = False, clip: bool = True) -> Path:
+def build_tiny_wan_i2v(
+    folder: Path,
+    seed: int = 0,
+    last_frame: bool = False,
+    clip: bool = True,
+    boundary_ratio: float | None = None,
+) -> Path:
     """Wan 2.1 I2V layout (FLF2V with `last_frame`: the image embedder's position embedding spans two images;
-    without `clip`: no image encoder, as Wan 2.2 I2V-A14B's experts)."""
+    without `clip`: no image encoder, as Wan 2.2 I2V-A14B; with `boundary_ratio`: its two experts)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
     torch.manual_seed(seed)
@@ -87,6 +93,11 @@ def build_tiny_wan_i2v(folder: Path, seed: int = 0, last_frame: bool = False, cl
         image_processor=image_processor,
         image_encoder=image_encoder,
         transformer=transformer,
+        **(
+            {"transformer_2": _transformer(36, 16), "boundary_ratio": boundary_ratio}
+            if boundary_ratio
+            else {}
+        ),
     )
     pipe.save_pretrained(folder)
     return Path(folder)

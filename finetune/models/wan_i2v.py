@@ -266,5 +266,8 @@ VARIANTS = {"i2v": _variant("i2v"), "flf2v": _variant("flf2v", last=True), "ti2v
 # Channel-concatenated condition without CLIP embeddings (Wan 2.2 I2V-A14B's experts; their two-expert training
 # is finetune/experts.py): the same "i2v" to the user.
 WITHOUT_IMAGE_ENCODER = dataclasses.replace(
-    _variant("i2v", embeds=False), shipped=(), fake_extras=lambda config, batch, text_len: {"condition": None}
+    _variant("i2v", embeds=False),
+    lora_presets=base.FAMILY.lora_presets,  # no image keys/values in its cross-attention
+    shipped=(),
+    fake_extras=lambda config, batch, text_len: {"condition": None},
 )
