@@ -23,6 +23,7 @@ import torch
 
 from finetune.config import Recipe
 from finetune.errors import UserError
+from finetune.memory import drop_decoder
 from finetune.tracing import (  # noqa: F401 (LiveBytes, keep_in_fp32: used by tests and tools/bench.py)
     LiveBytes,
     fake_mode,
@@ -349,6 +350,8 @@ def _vae(config: dict, stride: tuple[int, int], video: tuple[int, ...], tiling: 
             torch.set_default_dtype(previous)
         if tiling:
             vae.enable_tiling()
+        if not decode:
+            drop_decoder(vae)  # as the cache stage does
         return vae
 
     def run(vae):

@@ -162,3 +162,23 @@ def test_optimizer_falls_back_to_torchao_without_bitsandbytes(monkeypatch):
         assert type(optimizer).__module__.startswith("torchao")
     except ImportError:
         assert type(optimizer) is torch.optim.AdamW
+
+
+def test_the_cache_stage_keeps_only_the_vae_encoder():
+    """drop_decoder removes the decoder half; encoding is unchanged (the cache never decodes)."""
+    from diffusers import AutoencoderKLWan
+
+    from finetune.memory import drop_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False]
+    )
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(video).latent_dist.mode()
+        full = sum(p.numel() for p in vae.parameters())
+        drop_decoder(vae)
+        after = vae.encode(video).latent_dist.mode()
+    assert vae.decoder is None and sum(p.numel() for p in vae.parameters()) < 0.6 * full
+    assert torch.equal(before, after)
