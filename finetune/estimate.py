@@ -16,14 +16,20 @@ import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from finetune.config import Recipe
-from finetune.errors import UserError
 from finetune.memory import drop_decoder
+from finetune.real_models import (
+    diffusers_class,
+    fake_extras,
+    family_of,
+    kwargs_of,
+    latent_shape,
+    model_configs,
+    text_encoder_model,
+)
 from finetune.tracing import (  # noqa: F401 (LiveBytes, keep_in_fp32: used by tests and tools/bench.py)
     LiveBytes,
     fake_mode,
@@ -38,104 +44,9 @@ CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN handles: outside PyTorch's
 MARGIN = (
     0.08  # allocator slack (reserved above allocated) and kernel workspaces, as a share of the traced peak
 )
-CONFIGS = Path(__file__).parent / "models" / "configs"
 # Bytes per weight of a bitsandbytes layer: nf4 packs two weights per byte plus its block scales (64 weights
 # per 8-bit absmax, double-quantized); int8 stores one byte plus one fp32 scale per output row.
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
-
-
-def _read(path: Path) -> dict:
-    """A config as saved: `_class_name` (diffusers) or `architectures` (transformers) names its class."""
-    return {k: v for k, v in json.loads(path.read_text()).items() if k != "_source"}
-
-
-def kwargs_of(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
-
-
-class Configs(NamedTuple):
-    label: str
-    transformer: dict
-    text_encoders: list[dict]
-    vae: dict
-
-
-def fake_extras(family, config: dict, latent: tuple[int, ...], text_len: int) -> dict:
-    """The family's fake per-batch extras; an entry given as None is shaped like the latents (Wan I2V's
-    `condition`) and is made here, where the latent shape is known."""
-    extras = family.fake_extras(config, latent[0], text_len) if family.fake_extras else {}
-    return {k: torch.randn(latent, dtype=torch.bfloat16) if v is None else v for k, v in extras.items()}
-
-
-def family_of(recipe: Recipe):
-    """model.family, else the family whose shipped models match the name, else the local folder's pipeline."""
-    from finetune.models import _registry, family_for, get_family, resolve_source
-
-    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
-    families = [get_family(recipe.model.family)] if recipe.model.family else list(_registry().values())
-    for family in families:
-        # Variants first: "wan2.1-i2v-14b" is Wan's I2V variant, not the T2V 14B the family's own entries match.
-        for candidate in (*(family.variants() if family.variants else ()), family):
-            if any(fragment in name for m in candidate.shipped for fragment in m.names):
-                return candidate
-    if recipe.model.family and not Path(recipe.model.base or recipe.model.path).expanduser().is_dir():
-        return families[0]
-    return family_for(recipe.model, resolve_source(recipe.model))  # a local folder: its variant too
-
-
-def model_configs(recipe: Recipe) -> Configs:
-    """The real model's configs: from a local diffusers folder when `model.path`/`model.base` is one, else the
-    shipped configs of the hub model it names (finetune/models/configs; nothing is downloaded)."""
-    family = family_of(recipe)
-    folder = Path(recipe.model.base or recipe.model.path).expanduser()
-    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
-    shipped = next((m for m in family.shipped if any(f in name for f in m.names)), None)
-    local = folder / "transformer" / "config.json"
-    if not local.is_file() and shipped is None:
-        known = ", ".join(m.label for m in family.shipped) or "none yet"
-        raise UserError(
-            f"model.path: no config known for '{recipe.model.path}' (estimate knows, for {family.name}: {known}; "
-            "or point model.path at a local diffusers folder with transformer/config.json)"
-        )
-    label = shipped.label if shipped else str(folder)
-    transformer = _read(local) if local.is_file() else _read(CONFIGS / shipped.transformer)
-    encoders = sorted(folder.glob("text_encoder*/config.json"))
-    if encoders:
-        text = [_read(path) for path in encoders]
-    elif shipped:
-        text = [_read(CONFIGS / name) for name in shipped.text_encoders]
-    else:
-        raise UserError(f"model.path: {folder} has no text_encoder/config.json to size the cache stage from")
-    vae = folder / "vae" / "config.json"
-    if not vae.is_file() and shipped is None:
-        raise UserError(f"model.path: {folder} has no vae/config.json to size the cache stage from")
-    return Configs(label, transformer, text, _read(vae) if vae.is_file() else _read(CONFIGS / shipped.vae))
-
-
-def diffusers_class(config: dict):
-    import diffusers
-
-    return getattr(diffusers, config["_class_name"])
-
-
-def _text_encoder_model(config: dict, dtype: torch.dtype = torch.bfloat16):
-    """The transformers model a text encoder config names, built from the config (weights uninitialised)."""
-    import transformers
-
-    class_name = config.get("_class_name") or config["architectures"][0]
-    cls = getattr(transformers, class_name)
-    kwargs = {k: v for k, v in kwargs_of(config).items() if k != "model_type"}
-    cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = cls(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    for name, module in model.named_modules():  # from_pretrained keeps T5's `wo` in fp32 (overflow)
-        if name.endswith(".wo") and isinstance(module, torch.nn.Linear):
-            module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=torch.float32))
-    return model.eval()
 
 
 def plan_recipe(recipe: Recipe, **memory) -> Recipe:
@@ -337,7 +248,7 @@ def _text_encoder(config: dict, tokens: int) -> tuple[int, int]:
             torch.zeros(1, tokens, dtype=torch.long), attention_mask=torch.ones(1, tokens, dtype=torch.long)
         )
 
-    return no_grad_peak(lambda: _text_encoder_model(config), run)
+    return no_grad_peak(lambda: text_encoder_model(config), run)
 
 
 def _vae(config: dict, stride: tuple[int, int], video: tuple[int, ...], tiling: bool, decode: bool, dtype):
@@ -412,16 +323,6 @@ def _with_overheads(allocated: int) -> tuple[float, dict[str, float]]:
     margin = allocated * MARGIN
     total = allocated + margin + CUDA_CONTEXT_GIB * GiB
     return _gb(total), {"workspace_margin": _gb(margin), "cuda_context": CUDA_CONTEXT_GIB}
-
-
-def latent_shape(recipe: Recipe, family, tcfg: dict, batch: int) -> tuple[int, ...]:
-    """The largest bucket's latent shape. Channels: the transformer's output (its input can be wider, e.g. Wan
-    I2V concatenates 20 conditioning channels that predict adds)."""
-    frames = family.valid_frames(recipe.data.frames)
-    t_stride, s_stride = family.vae_stride
-    channels = tcfg.get("out_channels") or tcfg["in_channels"]
-    h, w = recipe.data.height // s_stride, recipe.data.width // s_stride
-    return (batch, channels, (frames - 1) // t_stride + 1, h, w)
 
 
 def estimate(recipe: Recipe) -> Estimate:
@@ -530,7 +431,7 @@ def _int8_weights(config: dict) -> int:
     """A text encoder with its linears in int8 (1 byte + an fp32 scale per output row), everything else bf16.
     Counted on the meta device: no memory, no time."""
     with torch.device("meta"):
-        model = _text_encoder_model(config)
+        model = text_encoder_model(config)
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     ids = {id(w) for w in linear}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in ids)

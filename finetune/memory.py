@@ -349,7 +349,8 @@ def estimate_before_training(recipe: Recipe, device: torch.device) -> Recipe:
         if recipe.memory.plan == "auto":
             say("memory.plan=auto: no GPU, keeping the recipe's plan")
         return recipe
-    from finetune.estimate import estimate_training, model_configs, plan_recipe
+    from finetune.estimate import estimate_training, plan_recipe
+    from finetune.real_models import model_configs
 
     free, total = (b / 2**30 for b in torch.cuda.mem_get_info(device))
     try:

@@ -131,15 +131,16 @@ def step_flops(recipe) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from finetune import flow
-    from finetune.estimate import (
+    from finetune.estimate import plan_recipe
+    from finetune.lora import add_lora, target_modules
+    from finetune.real_models import (
         diffusers_class,
+        fake_extras,
         family_of,
         kwargs_of,
         latent_shape,
         model_configs,
-        plan_recipe,
     )
-    from finetune.lora import add_lora, target_modules
     from finetune.tracing import fake_mode, fake_module_to, keep_in_fp32
 
     family, config = family_of(recipe), model_configs(recipe).transformer
@@ -150,10 +151,11 @@ def step_flops(recipe) -> float:
             model = diffusers_class(config)(**kwargs_of({**config, "num_layers": layers}))
             keep_in_fp32(model)
             add_lora(model, plain.lora, target_modules(family, model, plain.lora.targets))
-            x0 = torch.randn(latent_shape(plain, family, config, 1))
+            latent = latent_shape(plain, family, config, 1)
+            x0 = torch.randn(latent)
             text_len = plain.cache.max_sequence_length
             text = torch.randn(1, text_len, config[family.text_dim_key])
-            extras = family.fake_extras(config, 1, text_len) if family.fake_extras else {}
+            extras = fake_extras(family, config, latent, text_len)
             sigmas = torch.full((1,), 0.5)
             counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flops())
             with counter, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -242,9 +244,10 @@ def run_row(row: Row, steps: int, peak_tflops: float | None) -> Row:
 
     from finetune import flow
     from finetune.config import load_recipe
-    from finetune.estimate import CUDA_CONTEXT_GIB, family_of, latent_shape, model_configs
+    from finetune.estimate import CUDA_CONTEXT_GIB
     from finetune.lora import add_lora, target_modules
     from finetune.memory import apply_memory_plan
+    from finetune.real_models import fake_extras, family_of, latent_shape, model_configs
 
     recipe = load_recipe(ROOT / row.recipe, row.overrides)
     family = family_of(recipe)
@@ -270,8 +273,7 @@ def run_row(row: Row, steps: int, peak_tflops: float | None) -> Row:
     tokens = latent[2] // pt * (latent[3] // ph) * (latent[4] // pw)
     text_len = recipe.cache.max_sequence_length
     text = torch.randn(1, text_len, config[family.text_dim_key], device=device, dtype=torch.bfloat16)
-    extras = family.fake_extras(config, 1, text_len) if family.fake_extras else {}
-    extras = {k: v.to(device, torch.bfloat16) for k, v in extras.items()}
+    extras = {k: v.to(device) for k, v in fake_extras(family, config, latent, text_len).items()}
     times = []
     try:
         for _ in range(steps):
@@ -315,7 +317,8 @@ def _random_transformer(config: dict):
     `finetune train` has it after loading; on a smaller card built on the CPU directly."""
     import torch
 
-    from finetune.estimate import diffusers_class, keep_in_fp32, kwargs_of
+    from finetune.real_models import diffusers_class, kwargs_of
+    from finetune.tracing import keep_in_fp32
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

@@ -8,10 +8,11 @@ import torch
 
 from finetune import flow
 from finetune.config import build_recipe
-from finetune.estimate import keep_in_fp32, model_configs, trace_training
+from finetune.estimate import keep_in_fp32, trace_training
 from finetune.lora import add_lora, target_modules
 from finetune.memory import apply_memory_plan
 from finetune.models import get_family
+from finetune.real_models import model_configs
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

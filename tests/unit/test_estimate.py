@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from finetune.config import build_recipe, load_recipe
-from finetune.estimate import LiveBytes, estimate_training, model_configs, trace_training
+from finetune.estimate import LiveBytes, estimate_training, trace_training
+from finetune.real_models import model_configs
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 MODEL_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"

@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 
 from finetune.config import load_recipe
-from finetune.estimate import model_configs
 from finetune.lora import target_modules
 from finetune.models import get_family
+from finetune.real_models import model_configs
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "hunyuan" / "hunyuanvideo_24gb.yaml"
 
