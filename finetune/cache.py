@@ -82,7 +82,7 @@ def resolve_shape(recipe: Recipe, family: Family) -> Shape:
     from finetune.data.plan import target_size
     from finetune.data.sources import dataset_specs
 
-    width, height = target_size(recipe, family.size_multiple)
+    width, height = target_size(recipe, family)
     frames = max(max(frame_buckets(s.frame_buckets, family.valid_frames)) for s in dataset_specs(recipe.data))
     return Shape(width, height, frames)
 

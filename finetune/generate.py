@@ -124,7 +124,7 @@ def place_pipeline(pipe, device: torch.device, offload: str):
 
 def _fit(family: Family, s: GenerateSettings) -> GenerateSettings:
     m = family.size_multiple
-    width, height, frames = s.width // m * m, s.height // m * m, family.valid_frames(s.frames)
+    width, height, frames = family.fit(s.width, s.height, s.frames)
     if min(width, height) == 0:
         raise UserError(
             f"--width/--height: {s.width}x{s.height} is below the {m}-pixel minimum of {family.name}"

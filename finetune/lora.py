@@ -24,6 +24,7 @@ from finetune.formats import (
     DIFFUSERS_METADATA_KEY,
     OUR_METADATA_KEY,
     PICKLE_SUFFIXES,
+    TRANSFORMER_2_WEIGHTS_NAME,
     WEIGHTS_NAME,
     Adapter,
     diffusers_config_json,
@@ -287,9 +288,13 @@ def _block_relative(name: str) -> str:
 
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
     """What a user wants to know before loading an adapter; the keys of `finetune inspect --json`."""
-    adapter = read_adapter(adapter_file(path))
+    file = adapter_file(path)
+    adapter = read_adapter(file)
     info = adapter.info
     ranks, alphas = adapter.ranks(), adapter.alphas()
+    # Wan 2.2 A14B: the low-noise expert's adapter sits beside the high-noise expert's.
+    second = file.parent / TRANSFORMER_2_WEIGHTS_NAME
+    low = read_adapter(second) if file.name == WEIGHTS_NAME and second.is_file() else None
     return {
         "path": str(adapter.path),
         "format": adapter.format,
@@ -307,6 +312,9 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "items": info.get("items"),
         "recipe_hash": info.get("recipe_hash"),
         "kit_version": info.get("kit_version"),
+        "second_expert": None
+        if low is None
+        else f"{second.name}: {len(low.layers)} layers, {low.params:,} params",
     }
 
 

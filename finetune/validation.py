@@ -139,8 +139,8 @@ class Validation:
 
         v = self.recipe.train.validation
         m = self.family.size_multiple
-        width, height = max(m, v.width // m * m), max(m, v.height // m * m)
-        frames = self.family.valid_frames(v.frames)
+        width, height, frames = self.family.fit(v.width, v.height, v.frames)
+        width, height = max(m, width), max(m, height)  # a too-small validation size: one multiple
         was_training = transformer.training
         transformer.eval()
         pipe = self._pipeline(transformer)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny import tiny_tokenizer
+from tests.tiny import rel, tiny_tokenizer
 
 
 def _t5(tokenizer, d_model: int):
@@ -72,14 +72,21 @@ def build_tiny_ltx(folder: Path, seed: int = 0, layers: int = 2) -> Path:
     return Path(folder)
 
 
-def build_tiny_cogvideox(folder: Path, seed: int = 0, layers: int = 2, text_length: int = 16) -> Path:
-    """CogVideoX 1.0 layout (5B style: rotary embeddings) with its v-prediction DDIM scheduler."""
-    from diffusers import (
-        AutoencoderKLCogVideoX,
-        CogVideoXDDIMScheduler,
-        CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
-    )
+def build_tiny_cogvideox(
+    folder: Path,
+    seed: int = 0,
+    layers: int = 2,
+    text_length: int = 16,
+    image_to_video: bool = False,
+    trained_size: int = 64,
+) -> Path:
+    """CogVideoX 1.0 layout (5B style: rotary embeddings) with its v-prediction DDIM scheduler.
+
+    `image_to_video`: the 5B-I2V layout (CogVideoXImageToVideoPipeline): the transformer takes 2 x the latent
+    channels (noise + image latents, frame-major) and has learned positional embeddings at its one trained
+    size, `trained_size` pixels square (as the real 5B-I2V at 720x480x49)."""
+    import diffusers
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
@@ -87,19 +94,19 @@ def build_tiny_cogvideox(folder: Path, seed: int = 0, layers: int = 2, text_leng
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2,
         attention_head_dim=16,  # rotary splits it 1/4 time, 3/8 height, 3/8 width
-        in_channels=4,
+        in_channels=8 if image_to_video else 4,  # I2V: 4 noisy + 4 image latent channels
         out_channels=4,
         time_embed_dim=8,
         text_embed_dim=text_dim,
         num_layers=layers,
-        sample_width=8,
-        sample_height=8,
+        sample_width=trained_size // 8,
+        sample_height=trained_size // 8,
         sample_frames=9,
         patch_size=2,
         temporal_compression_ratio=4,
         max_text_seq_length=text_length,
         use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=False,
+        use_learned_positional_embeddings=image_to_video,
     )
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4,
@@ -121,7 +128,10 @@ def build_tiny_cogvideox(folder: Path, seed: int = 0, layers: int = 2, text_leng
         clip_sample=False,
         set_alpha_to_one=True,
     )
-    pipe = CogVideoXPipeline(
+    pipeline_class = (
+        diffusers.CogVideoXImageToVideoPipeline if image_to_video else diffusers.CogVideoXPipeline
+    )
+    pipe = pipeline_class(
         tokenizer=tokenizer,
         text_encoder=_t5(tokenizer, text_dim),
         vae=vae,
@@ -157,13 +167,69 @@ def write_recipe(path: Path, base: Path, data: Path, work: Path, size: int, fram
     return path
 
 
-def block_linears(transformer, blocks_attr: str) -> list[str]:
+def assert_wrote_frames(path: Path, frames: int, size: int) -> None:
+    """`finetune generate` wrote `frames` frames of size x size: one .png image, else a video."""
+    if path.suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            assert image.size == (size, size)
+        return
+    import av
+
+    with av.open(str(path)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == frames and decoded[0].shape == (size, size, 3)
+
+
+def block_linears(transformer, *blocks_attrs: str) -> list[str]:
+    """Every nn.Linear under the named block lists (e.g. "blocks", or HunyuanVideo's two kinds)."""
+    prefixes = tuple(attr + "." for attr in blocks_attrs)
     return sorted(
-        n
-        for n, m in transformer.named_modules()
-        if n.startswith(blocks_attr + ".") and type(m) is torch.nn.Linear
+        n for n, m in transformer.named_modules() if n.startswith(prefixes) and type(m) is torch.nn.Linear
     )
 
 
 def wrapped(transformer, adapter: str) -> list[str]:
     return sorted(n for n, m in transformer.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A)
+
+
+# The two checks every family's end-to-end test makes on its trained adapter. `world` is the test's module
+# fixture: {"base": pipeline folder, "adapter": trained adapter folder, "root": a scratch folder}.
+# `forward(transformer)` is the family's transformer on fixed inputs (the same output on every call).
+def assert_loads_on_every_block_linear(
+    pipe_cls, world: dict, blocks_attrs: tuple[str, ...], forward, count, caplog
+):
+    """The pipeline's own `load_lora_weights` reads the adapter without a missing/unexpected-key warning, puts
+    a LoRA on exactly every block linear (`count` of them) and changes the output. Returns the pipeline with
+    the adapter loaded as "style", for the family's own extra checks."""
+    pipe = pipe_cls.from_pretrained(world["base"])
+    before = forward(pipe.transformer)
+    expected = block_linears(pipe.transformer, *blocks_attrs)
+    with caplog.at_level("WARNING"):
+        pipe.load_lora_weights(world["adapter"], adapter_name="style")
+    assert not [
+        r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage()
+    ]
+    assert wrapped(pipe.transformer, "style") == expected and len(expected) == count
+    assert rel(forward(pipe.transformer), before) > 1e-3
+    return pipe
+
+
+def assert_merge_matches(pipe_cls, world: dict, forward, scale: float = 0.7, tol: float = 1e-4) -> None:
+    """`finetune merge` at `scale` (into root/merged) gives the transformer that base + adapter at weight
+    `scale` gives in the pipeline, and that differs from the base (so the first check is not trivially true)."""
+    from finetune.cli import main
+
+    base, adapter, merged_dir = world["base"], world["adapter"], world["root"] / "merged"
+    assert (
+        main(["merge", "--model", str(base), "--lora", f"{adapter}:{scale}", "--out", str(merged_dir)]) == 0
+    )
+    merged = pipe_cls.from_pretrained(merged_dir)
+    reference = pipe_cls.from_pretrained(base)
+    base_out = forward(reference.transformer)
+    reference.load_lora_weights(adapter, adapter_name="style")
+    reference.set_adapters(["style"], adapter_weights=[scale])
+    expected = forward(reference.transformer)
+    assert rel(forward(merged.transformer), expected) < tol
+    assert rel(expected, base_out) > 1e-3

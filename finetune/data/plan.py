@@ -52,11 +52,13 @@ class Plan:
         return dict(sorted(counts.items(), key=lambda kv: [int(x) for x in kv[0].split("x")]))
 
 
-def target_size(recipe: Recipe, multiple: int) -> tuple[int, int]:
+def target_size(recipe: Recipe, family) -> tuple[int, int]:
     d = recipe.data
-    width, height = d.width // multiple * multiple, d.height // multiple * multiple
+    width, height, _ = family.fit(d.width, d.height, 1)  # frames: per dataset, by its frame buckets
     if min(width, height) == 0:
-        raise UserError(f"data.width/data.height: {d.width}x{d.height} is below the {multiple}-pixel minimum")
+        raise UserError(
+            f"data.width/data.height: {d.width}x{d.height} is below the {family.size_multiple}-pixel minimum"
+        )
     return width, height
 
 
@@ -69,7 +71,7 @@ def make_plan(
     probe_fn: Callable[[Item], MediaInfo] = lambda item: probe(item.path),
 ) -> Plan:
     d, m = recipe.data, family.size_multiple
-    width, height = target_size(recipe, m)
+    width, height = target_size(recipe, family)
     plan = Plan([], list(problems), width=width, height=height)
     if (width, height) != (d.width, d.height):
         plan.notes.append(

@@ -101,6 +101,12 @@ class Family:
     def size_multiple(self) -> int:
         return self.vae_stride[1] * self.patch[1]
 
+    def fit(self, width: int, height: int, frames: int) -> tuple[int, int, int]:
+        """Rounded down to the family's rule: sizes to `size_multiple` (0 when below it: each caller has its
+        own policy for a size that small), frames to `valid_frames`."""
+        m = self.size_multiple
+        return width // m * m, height // m * m, self.valid_frames(frames)
+
 
 def dtype_kwarg(library: str, dtype: torch.dtype) -> dict[str, torch.dtype]:
     """`dtype=` where the library has it, else the older `torch_dtype=` (now deprecated in both)."""

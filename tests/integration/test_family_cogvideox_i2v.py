@@ -17,8 +17,12 @@ from finetune.config import ModelConfig
 from finetune.models import cogvideox_i2v, family_for, resolve_source
 from tests.clips import write_image
 from tests.cogvideox_i2v_tiny import FRAMES, SIZE, TEXT, build_tiny_cogvideox_i2v
-from tests.family_tiny import block_linears, make_clips, wrapped, write_recipe
-from tests.tiny import rel
+from tests.family_tiny import (
+    assert_loads_on_every_block_linear,
+    assert_merge_matches,
+    make_clips,
+    write_recipe,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,32 +56,15 @@ def test_the_cache_holds_each_clips_first_frame_latents(world):
 def test_adapter_loads_in_the_pipeline_on_every_block_linear(world, caplog):
     from diffusers import CogVideoXImageToVideoPipeline
 
-    pipe = CogVideoXImageToVideoPipeline.from_pretrained(world["base"])
-    before = transformer_output(pipe.transformer)
-    expected = block_linears(pipe.transformer, "transformer_blocks")
-    with caplog.at_level("WARNING"):
-        pipe.load_lora_weights(world["adapter"], adapter_name="style")
-    assert not [
-        r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage()
-    ]
-    assert wrapped(pipe.transformer, "style") == expected and len(expected) == 2 * 8
-    assert rel(transformer_output(pipe.transformer), before) > 1e-3
+    assert_loads_on_every_block_linear(
+        CogVideoXImageToVideoPipeline, world, ("transformer_blocks",), transformer_output, 2 * 8, caplog
+    )
 
 
 def test_merge_at_0_7_matches_base_plus_adapter(world):
     from diffusers import CogVideoXImageToVideoPipeline
 
-    merged_dir = world["root"] / "merged"
-    assert main(["merge", "--model", str(world["base"]), "--lora", f"{world['adapter']}:0.7",
-                 "--out", str(merged_dir)]) == 0  # fmt: skip
-    merged = CogVideoXImageToVideoPipeline.from_pretrained(merged_dir)
-    reference = CogVideoXImageToVideoPipeline.from_pretrained(world["base"])
-    base_out = transformer_output(reference.transformer)
-    reference.load_lora_weights(world["adapter"], adapter_name="style")
-    reference.set_adapters(["style"], adapter_weights=[0.7])
-    expected = transformer_output(reference.transformer)
-    assert rel(transformer_output(merged.transformer), expected) < 1e-4
-    assert rel(expected, base_out) > 1e-3
+    assert_merge_matches(CogVideoXImageToVideoPipeline, world, transformer_output, scale=0.7, tol=1e-4)
 
 
 def gen_args(world, out, *extra):

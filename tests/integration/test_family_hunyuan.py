@@ -7,7 +7,6 @@ checked against diffusers."""
 
 from __future__ import annotations
 
-import av
 import pytest
 import torch
 import yaml
@@ -15,7 +14,14 @@ import yaml
 from finetune.cli import main
 from finetune.data.batches import collate, text_tensors
 from finetune.models import Source, hunyuan
-from tests.family_tiny import make_clips, wrapped, write_recipe
+from tests.family_tiny import (
+    assert_loads_on_every_block_linear,
+    assert_merge_matches,
+    assert_wrote_frames,
+    make_clips,
+    wrapped,
+    write_recipe,
+)
 from tests.hunyuan_tiny import CLIP_DIM, LLAMA_DIM, build_tiny_hunyuan
 from tests.tiny import rel
 
@@ -54,13 +60,6 @@ def transformer_output(transformer, seed=0):
         return hunyuan.predict(transformer, latents, torch.tensor([500.0]), text, extras)
 
 
-def every_block_linear(transformer) -> list[str]:
-    prefixes = ("transformer_blocks.", "single_transformer_blocks.")
-    return sorted(
-        n for n, m in transformer.named_modules() if n.startswith(prefixes) and type(m) is torch.nn.Linear
-    )
-
-
 def test_training_wrote_validation_samples_and_a_held_out_loss(world):
     assert sorted(p.name for p in (world["adapter"] / "samples").rglob("*.mp4"))
     # The held-out clip's fixed-noise loss went through `predict` with its cached pooled CLIP embedding.
@@ -71,54 +70,31 @@ def test_training_wrote_validation_samples_and_a_held_out_loss(world):
 def test_adapter_loads_in_hunyuan_pipeline_on_every_block_linear(world, caplog):
     from diffusers import HunyuanVideoPipeline
 
-    pipe = HunyuanVideoPipeline.from_pretrained(world["base"])
-    before = transformer_output(pipe.transformer)
-    expected = every_block_linear(pipe.transformer)
-    with caplog.at_level("WARNING"):
-        pipe.load_lora_weights(world["adapter"], adapter_name="style")
-    assert not [
-        r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage()
-    ]
+    blocks = ("transformer_blocks", "single_transformer_blocks")
     # 14 linears per dual-stream block (8 attention, 4 FFN, 2 modulation), 6 per single-stream block.
-    assert wrapped(pipe.transformer, "style") == expected and len(expected) == 14 + 6
-    assert any(n.startswith("single_transformer_blocks.0.proj_mlp") for n in expected)
-    assert not [n for n in wrapped(pipe.transformer, "style") if n.startswith("context_embedder")]
+    pipe = assert_loads_on_every_block_linear(
+        HunyuanVideoPipeline, world, blocks, transformer_output, 14 + 6, caplog
+    )
+    loaded = wrapped(pipe.transformer, "style")  # = every block linear, checked above
+    assert any(n.startswith("single_transformer_blocks.0.proj_mlp") for n in loaded)
+    assert not [n for n in loaded if n.startswith("context_embedder")]
     assert pipe.transformer.single_transformer_blocks[0].attn.to_q.scaling["style"] == pytest.approx(2.0)
-    assert rel(transformer_output(pipe.transformer), before) > 1e-3
 
 
 def test_merge_at_0_7_matches_base_plus_adapter(world):
     from diffusers import HunyuanVideoPipeline
 
-    merged_dir = world["root"] / "merged"
-    assert main(["merge", "--model", str(world["base"]), "--lora", f"{world['adapter']}:0.7",
-                 "--out", str(merged_dir)]) == 0  # fmt: skip
-    merged = HunyuanVideoPipeline.from_pretrained(merged_dir)
-    reference = HunyuanVideoPipeline.from_pretrained(world["base"])
-    base_out = transformer_output(reference.transformer)
-    reference.load_lora_weights(world["adapter"], adapter_name="style")
-    reference.set_adapters(["style"], adapter_weights=[0.7])
-    expected = transformer_output(reference.transformer)
-    assert rel(transformer_output(merged.transformer), expected) < 1e-4
-    assert rel(expected, base_out) > 1e-3
+    assert_merge_matches(HunyuanVideoPipeline, world, transformer_output, scale=0.7, tol=1e-4)
 
 
 @pytest.mark.parametrize("frames,out", [(5, "t2v.mp4"), (1, "still.png")])
 def test_generate_writes_the_requested_frames(world, frames, out):
-    from PIL import Image
-
     path = world["root"] / "gen" / out
     args = ["generate", "--model", str(world["base"]), "--lora", f"{world['adapter']}:0.8", "--prompt", PROMPT,
             "--width", str(SIZE), "--height", str(SIZE), "--frames", str(frames), "--steps", "2",
             "--max-sequence-length", str(TEXT), "--out", str(path)]  # fmt: skip
     assert main(args) == 0
-    if path.suffix == ".png":
-        with Image.open(path) as image:
-            assert image.size == (SIZE, SIZE)
-        return
-    with av.open(str(path)) as container:
-        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(decoded) == frames and decoded[0].shape == (SIZE, SIZE, 3)
+    assert_wrote_frames(path, frames, SIZE)
 
 
 def test_video_to_video_is_refused_with_one_line(world, capsys):

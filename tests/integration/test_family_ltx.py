@@ -12,8 +12,13 @@ import torch
 from finetune.cli import main
 from finetune.models import ltx
 from tests.clips import write_image, write_video
-from tests.family_tiny import block_linears, build_tiny_ltx, make_clips, wrapped, write_recipe
-from tests.tiny import rel
+from tests.family_tiny import (
+    assert_loads_on_every_block_linear,
+    assert_merge_matches,
+    build_tiny_ltx,
+    make_clips,
+    write_recipe,
+)
 
 SIZE, FRAMES, TEXT = 64, 9, 16
 
@@ -40,33 +45,16 @@ def transformer_output(transformer, seed=0):
 def test_adapter_loads_in_ltx_pipeline_on_every_block_linear(world, caplog):
     from diffusers import LTXPipeline
 
-    pipe = LTXPipeline.from_pretrained(world["base"])
-    before = transformer_output(pipe.transformer)
-    expected = block_linears(pipe.transformer, "transformer_blocks")
-    with caplog.at_level("WARNING"):
-        pipe.load_lora_weights(world["adapter"], adapter_name="style")
-    assert not [
-        r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage()
-    ]
-    assert wrapped(pipe.transformer, "style") == expected and len(expected) == 2 * 10
+    pipe = assert_loads_on_every_block_linear(
+        LTXPipeline, world, ("transformer_blocks",), transformer_output, 2 * 10, caplog
+    )
     assert pipe.transformer.transformer_blocks[0].attn1.to_q.scaling["style"] == pytest.approx(2.0)
-    assert rel(transformer_output(pipe.transformer), before) > 1e-3
 
 
 def test_merge_at_0_7_matches_base_plus_adapter(world):
     from diffusers import LTXPipeline
 
-    merged_dir = world["root"] / "merged"
-    assert main(["merge", "--model", str(world["base"]), "--lora", f"{world['adapter']}:0.7",
-                 "--out", str(merged_dir)]) == 0  # fmt: skip
-    merged = LTXPipeline.from_pretrained(merged_dir)
-    reference = LTXPipeline.from_pretrained(world["base"])
-    base_out = transformer_output(reference.transformer)
-    reference.load_lora_weights(world["adapter"], adapter_name="style")
-    reference.set_adapters(["style"], adapter_weights=[0.7])
-    expected = transformer_output(reference.transformer)
-    assert rel(transformer_output(merged.transformer), expected) < 1e-4
-    assert rel(expected, base_out) > 1e-3
+    assert_merge_matches(LTXPipeline, world, transformer_output, scale=0.7, tol=1e-4)
 
 
 def frames_of(path):

@@ -6,6 +6,8 @@ on every block linear (the I2V image keys/values included) -> `finetune merge` a
 
 from __future__ import annotations
 
+import functools
+
 import av
 import pytest
 import torch
@@ -16,8 +18,13 @@ from finetune import objectives
 from finetune.cli import main
 from finetune.models import wan_i2v
 from tests.clips import write_image
-from tests.family_tiny import block_linears, make_clips, wrapped, write_recipe
-from tests.tiny import rel
+from tests.family_tiny import (
+    assert_loads_on_every_block_linear,
+    assert_merge_matches,
+    assert_wrote_frames,
+    make_clips,
+    write_recipe,
+)
 from tests.wan_i2v_tiny import IMAGE_TOKENS, build_tiny_wan_i2v, build_tiny_wan_ti2v
 
 FRAMES, TEXT = 9, 16
@@ -60,10 +67,10 @@ def world(request, tmp_path_factory):
             "calls": calls}  # fmt: skip
 
 
-def pipeline(world, folder=None):
+def pipeline_class(world):
     import diffusers
 
-    return getattr(diffusers, PIPELINES[world["variant"]]).from_pretrained(folder or world["base"])
+    return getattr(diffusers, PIPELINES[world["variant"]])
 
 
 def transformer_output(world, transformer, seed=0):
@@ -125,31 +132,16 @@ def test_validation_samples_were_written(world):
 
 
 def test_adapter_loads_in_the_pipeline_on_every_block_linear(world, caplog):
-    pipe = pipeline(world)
-    before = transformer_output(world, pipe.transformer)
-    expected = block_linears(pipe.transformer, "blocks")
-    with caplog.at_level("WARNING"):
-        pipe.load_lora_weights(world["adapter"], adapter_name="style")
-    assert not [
-        r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage()
-    ]
     image_kv = 0 if world["variant"] == "ti2v" else 2  # attn2.add_k_proj / add_v_proj (the image keys/values)
-    assert wrapped(pipe.transformer, "style") == expected and len(expected) == 2 * (10 + image_kv)
-    assert rel(transformer_output(world, pipe.transformer), before) > 1e-3
+    forward = functools.partial(transformer_output, world)
+    assert_loads_on_every_block_linear(
+        pipeline_class(world), world, ("blocks",), forward, 2 * (10 + image_kv), caplog
+    )
 
 
 def test_merge_at_0_7_matches_base_plus_adapter(world):
-    merged_dir = world["root"] / "merged"
-    assert main(["merge", "--model", str(world["base"]), "--lora", f"{world['adapter']}:0.7",
-                 "--out", str(merged_dir)]) == 0  # fmt: skip
-    merged = pipeline(world, merged_dir)
-    reference = pipeline(world)
-    base_out = transformer_output(world, reference.transformer)
-    reference.load_lora_weights(world["adapter"], adapter_name="style")
-    reference.set_adapters(["style"], adapter_weights=[0.7])
-    expected = transformer_output(world, reference.transformer)
-    assert rel(transformer_output(world, merged.transformer), expected) < 1e-4
-    assert rel(expected, base_out) > 1e-3
+    forward = functools.partial(transformer_output, world)
+    assert_merge_matches(pipeline_class(world), world, forward, scale=0.7, tol=1e-4)
 
 
 MODES = {
@@ -171,8 +163,6 @@ def generate_args(world, out, frames, *extra):
 
 
 def test_generate_writes_the_requested_frames_in_every_mode(world):
-    from PIL import Image
-
     size = world["size"]
     media = {
         "first": write_image(world["root"] / "media" / "first.png", size, size, (255, 0, 0)),
@@ -181,13 +171,7 @@ def test_generate_writes_the_requested_frames_in_every_mode(world):
     for _, extra, frames, name in MODES[world["variant"]]:
         out = world["root"] / "gen" / name
         assert main(generate_args(world, out, frames, *[str(media.get(x, x)) for x in extra])) == 0
-        if out.suffix == ".png":
-            with Image.open(out) as image:
-                assert image.size == (size, size)
-            continue
-        with av.open(str(out)) as container:
-            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        assert len(decoded) == frames and decoded[0].shape == (size, size, 3)
+        assert_wrote_frames(out, frames, size)
 
 
 REFUSED = {

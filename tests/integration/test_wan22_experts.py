@@ -129,6 +129,12 @@ def test_both_adapter_files_checkpoints_and_card(world):
     assert all(torch.equal(step3[k], high[k]) for k in high)
     card = (adapter / "README.md").read_text()
     assert HIGH_FILE in card and LOW_FILE in card and "load_into_transformer_2=True" in card
+    from finetune.lora import inspect_adapter
+
+    facts = inspect_adapter(adapter)
+    assert facts["layers"] == len(BLOCK_LINEARS) and facts["second_expert"].startswith(
+        f"{LOW_FILE}: 20 layers"
+    )
 
 
 def test_both_adapters_load_into_diffusers_on_every_block_linear(world, caplog):
