@@ -28,6 +28,7 @@ from finetune.real_models import (
     kwargs_of,
     latent_shape,
     model_configs,
+    model_extras,
     text_encoder_model,
 )
 from finetune.tracing import (  # noqa: F401 (LiveBytes, keep_in_fp32: used by tests and tools/bench.py)
@@ -354,10 +355,15 @@ def estimate(recipe: Recipe) -> Estimate:
     else:
         te_gpu = te_weights
     vae_w, vae_peak = _vae(vae_cfg, family.vae_stride, video, mem.vae_tiling, False, torch.float32)
-    cache_alloc = te_gpu + vae_w + max(te_act, vae_peak - vae_w)
+    # Wan I2V's CLIP image encoder comes with the text encoder: on the GPU only when the text encoder is.
+    extras = model_extras(recipe)
+    image_w = _bf16_weights(extras.image_encoder) if extras.image_encoder else 0
+    image_gpu = image_w if mem.text_encoder == "gpu" else 0
+    cache_alloc = te_gpu + image_gpu + vae_w + max(te_act, vae_peak - vae_w)
     cache_gb, cache_over = _with_overheads(cache_alloc)
     cache = {
         "text_encoder_weights": _gb(te_gpu),
+        "image_encoder_weights": _gb(image_gpu),
         "text_encoder_activations": _gb(te_act),
         "vae_weights": _gb(vae_w),
         "vae_encode_activations": _gb(vae_peak - vae_w),
@@ -369,7 +375,9 @@ def estimate(recipe: Recipe) -> Estimate:
     # or (--offload model) each component moved to the GPU only while it runs.
     tf_w, tf_peak = _by_layers(_transformer_forward, tcfg, family, (1, *latent[1:]), text_len)
     dvae_w, dvae_peak = _vae(vae_cfg, family.vae_stride, video, False, True, torch.bfloat16)
-    gen_alloc = te_weights + tf_w + dvae_w + max(te_act, tf_peak - tf_w, dvae_peak - dvae_w)
+    # Wan 2.2 A14B: both experts are resident when nothing is offloaded.
+    resident = te_weights + image_w + extras.experts * tf_w + dvae_w
+    gen_alloc = resident + max(te_act, tf_peak - tf_w, dvae_peak - dvae_w)
     gen_gb, gen_over = _with_overheads(gen_alloc)
     # --offload model: the text encoder runs on the CPU; the VAE decodes in tiles.
     _, tiled_peak = _vae(vae_cfg, family.vae_stride, video, True, True, torch.bfloat16)
@@ -379,7 +387,8 @@ def estimate(recipe: Recipe) -> Estimate:
     streamed_gb, _ = _with_overheads(max(tf_peak - tf_w + 2 * tf_w // layers, tiled_peak))
     generate = {
         "text_encoder_weights": _gb(te_weights),
-        "transformer_weights": _gb(tf_w),
+        "image_encoder_weights": _gb(image_w),
+        "transformer_weights": _gb(extras.experts * tf_w),
         "vae_weights": _gb(dvae_w),
         "denoise_activations": _gb(tf_peak - tf_w),
         "vae_decode_activations": _gb(dvae_peak - dvae_w),
@@ -425,6 +434,13 @@ def estimate_training(recipe: Recipe) -> tuple[float, float]:
     trace = trace_training(recipe, tcfg, latent_shape(recipe, family, tcfg, recipe.train.batch_size))
     host = max(trace.loaded, trace.swapped + trace.host_offloaded)
     return _with_overheads(trace.peak)[0], host / GiB
+
+
+def _bf16_weights(config: dict) -> int:
+    """A transformers model's weights in bf16, counted on the meta device."""
+    with torch.device("meta"):
+        model = text_encoder_model(config)
+    return 2 * sum(p.numel() for p in model.parameters())
 
 
 def _int8_weights(config: dict) -> int:

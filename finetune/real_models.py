@@ -84,6 +84,24 @@ def model_configs(recipe: Recipe) -> Configs:
     return Configs(label, transformer, text, _read(vae) if vae.is_file() else _read(CONFIGS / shipped.vae))
 
 
+class Extras(NamedTuple):
+    image_encoder: dict | None  # the image encoder's config, when the cache stage loads one
+    experts: int  # transformers of the transformer's config in the pipeline (Wan 2.2 A14B: 2)
+
+
+def model_extras(recipe: Recipe) -> Extras:
+    """What else the pipeline holds, beyond model_configs: an image encoder, a second expert."""
+    family = family_of(recipe)
+    folder = Path(recipe.model.base or recipe.model.path).expanduser()
+    if (folder / "transformer" / "config.json").is_file():
+        image = folder / "image_encoder" / "config.json"
+        experts = 2 if (folder / "transformer_2" / "config.json").is_file() else 1
+        return Extras(_read(image) if image.is_file() else None, experts)
+    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
+    shipped = next(m for m in family.shipped if any(f in name for f in m.names))
+    return Extras(_read(CONFIGS / shipped.image_encoder) if shipped.image_encoder else None, shipped.experts)
+
+
 def diffusers_class(config: dict):
     import diffusers
 

@@ -38,6 +38,8 @@ class ShippedModel:
     transformer: str  # config file names under finetune/models/configs (each names its class)
     text_encoders: tuple[str, ...]
     vae: str
+    image_encoder: str | None = None  # Wan 2.1 I2V/FLF2V: CLIP ViT-H/14, loaded with the encoders to cache
+    experts: int = 1  # Wan 2.2 A14B: two transformers of this config
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,7 @@ FAMILY = Family(
             "wan2.2-t2v-a14b.transformer.json",
             _UMT5,
             "wan2.1.vae.json",
+            experts=2,
         ),
         ShippedModel(("14b",), "Wan2.1 T2V 14B", "wan2.1-t2v-14b.transformer.json", _UMT5, "wan2.1.vae.json"),
         ShippedModel(

@@ -203,16 +203,17 @@ def _load_pipeline(cls_name: str, source: Source, dtype: torch.dtype):
 
 
 _UMT5 = ("umt5-xxl.encoder.json",)
+_CLIP_H = "clip-vit-huge-14.image_encoder.json"
 # What `finetune estimate` sizes without downloading (finetune/models/configs). The CLIP image encoder (ViT-H/14,
 # 0.63 B parameters, ~1.3 GB in bf16, on the GPU only while caching) is not in the cache-stage estimate yet.
 _SHIPPED = {
     "i2v": (
         ShippedModel(("i2v-14b", "i2v_14b"), "Wan2.1 I2V 14B", "wan2.1-i2v-14b.transformer.json", _UMT5,
-                     "wan2.1.vae.json"),
+                     "wan2.1.vae.json", image_encoder=_CLIP_H),
     ),
     "flf2v": (
         ShippedModel(("flf2v-14b", "flf2v_14b"), "Wan2.1 FLF2V 14B", "wan2.1-flf2v-14b.transformer.json", _UMT5,
-                     "wan2.1.vae.json"),
+                     "wan2.1.vae.json", image_encoder=_CLIP_H),
     ),
     "ti2v": (
         ShippedModel(("ti2v-5b", "ti2v_5b"), "Wan2.2 TI2V-5B", "wan2.2-ti2v-5b.transformer.json", _UMT5,

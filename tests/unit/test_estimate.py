@@ -124,3 +124,27 @@ def test_each_tier_recipe_is_estimated_to_fit_its_card(path):
     needed, _ = estimate_training(load_recipe(path))
     assert needed <= card
     assert f"training {needed:.1f} GiB" in path.read_text().splitlines()[1]
+
+
+def test_second_expert_and_image_encoder_are_counted_where_they_are_resident():
+    """Wan 2.2 A14B holds two 14B experts when nothing is offloaded; Wan 2.1 I2V caches with a 631M-parameter CLIP
+    image encoder, on the GPU only when the text encoder is (its plan keeps both on the CPU otherwise)."""
+    from finetune.estimate import estimate
+    from finetune.real_models import model_extras
+
+    a14b = recipe("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "data.frames=17", "data.width=320", "data.height=192")
+    assert model_extras(a14b).experts == 2 and model_extras(recipe(MODEL_14B)).experts == 1
+    one = estimate(recipe(MODEL_14B, "data.frames=17", "data.width=320", "data.height=192"))
+    two = estimate(a14b)
+    weights = one.breakdown["generate"]["transformer_weights"]
+    assert two.breakdown["generate"]["transformer_weights"] == pytest.approx(2 * weights, abs=0.02)
+    assert two.generate_offload_peak_gb == one.generate_offload_peak_gb  # one expert on the GPU at a time
+    i2v = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+    assert model_extras(recipe(i2v)).image_encoder["hidden_size"] == 1280
+    small = ["data.frames=17", "data.width=320", "data.height=192"]
+    on_gpu = estimate(recipe(i2v, *small)).breakdown["cache"]["image_encoder_weights"]
+    assert on_gpu == pytest.approx(630.8e6 * 2 / 2**30, abs=0.01)
+    assert (
+        estimate(recipe(i2v, *small, "memory.text_encoder=cpu")).breakdown["cache"]["image_encoder_weights"]
+        == 0
+    )
