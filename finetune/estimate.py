@@ -82,7 +82,9 @@ def trace_training(
         two = _trace_raw(recipe, {**transformer_config, "num_layers": 2}, latent)
         three = _trace_raw(recipe, {**transformer_config, "num_layers": 3}, latent)
         raw = {k: two[k] + (layers - 2) * (three[k] - two[k]) for k in two}
-        raw["block_frozen"] = three["block_frozen"]  # one block's weights, not a sum
+        # One block of each list (its weights and size, not a sum), and the lists' lengths; only the first
+        # list's length varies between the two traces and is set to the real model's below.
+        raw.update({k: v for k, v in three.items() if k.startswith("block.")})
     mem = recipe.memory
     notes = (
         []
@@ -91,29 +93,49 @@ def trace_training(
             f"traced with 2 and 3 blocks, extended to {layers} (each byte count is affine in the block count)"
         ]
     )
-    peak, weights_full, block_frozen = raw["peak"], raw["weights_full"], raw["block_frozen"]
+    peak, weights_full = raw["peak"], raw["weights_full"]
+    block_lists = [k.split(".", 2)[2] for k in raw if k.startswith("block.frozen.")]  # in execution order
+    block_frozen = {name: raw[f"block.frozen.{name}"] for name in block_lists}
+    counts = {name: int(raw[f"block.count.{name}"]) for name in block_lists}
+    counts[block_lists[0]] = layers  # the traces vary the first list (num_layers) only
     at_peak = {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith("at_peak.")}
     if mem.base_dtype in QUANT_BYTES:
         delta = int(raw["linear_params"] * (QUANT_BYTES[mem.base_dtype] - 1.0))
         peak += delta
         at_peak["weights"] += delta
         weights_full += delta
-        block_frozen += int(delta / layers)
+        for name in block_lists:  # one block's linears re-priced the same way
+            block_frozen[name] += int(
+                raw[f"block.linear_params.{name}"] * (QUANT_BYTES[mem.base_dtype] - 1.0)
+            )
         notes.append(
             f"{mem.base_dtype}: traced as fp8 (bitsandbytes has no fake-tensor kernels), block linear weights "
             f"re-priced at {QUANT_BYTES[mem.base_dtype]:.3f} bytes each"
         )
     swapped = 0
     if mem.blocks_to_swap:
-        # At most two swapped blocks are on the GPU at once (the one computing, the one being copied in).
-        n = min(mem.blocks_to_swap, layers)
-        swapped = n * block_frozen
-        saving = max(0, n - 2) * block_frozen
+        # The last N blocks in execution order are swapped (HunyuanVideo: single-stream ones first, then
+        # dual-stream). At most two are on the GPU at once (the one computing, the one being copied in): the
+        # estimate keeps the largest two of the swapped set resident.
+        order = [name for name in block_lists for _ in range(counts[name])]
+        n = min(mem.blocks_to_swap, len(order))
+        taken = order[len(order) - n :]
+        sizes = sorted((block_frozen[name] for name in taken), reverse=True)
+        swapped = sum(sizes)
+        saving = swapped - sum(sizes[:2])
         peak -= saving
         at_peak["weights"] -= saving
-        notes.append(
-            f"block swap: {n} blocks x {block_frozen / GiB:.2f} GiB in pinned host memory, 2 in flight on the GPU"
-        )
+        if len(block_lists) == 1:
+            notes.append(
+                f"block swap: {n} blocks x {sizes[0] / GiB:.2f} GiB in pinned host memory, 2 in flight on the GPU"
+            )
+        else:
+            parts = ", ".join(
+                f"{taken.count(name)} {name} x {block_frozen[name] / GiB:.2f} GiB"
+                for name in reversed(block_lists)
+                if name in taken
+            )
+            notes.append(f"block swap: {n} blocks ({parts}) in pinned host memory, the largest 2 on the GPU")
     if mem.activation_offload:
         notes.append(
             "activation offload: saved tensors copied to host in the trace, brought back for backward"
@@ -157,15 +179,24 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
         transformer.train()
-        blocks = blocks_of(transformer, family.blocks_attr)
         lora = [p for p in transformer.parameters() if p.requires_grad]
         block_linears = [  # what nf4/int8 quantize: the linears of every block list
             m.weight for b in all_blocks(transformer, family) for m in b.modules()
             if type(m) is torch.nn.Linear and not m.weight.requires_grad
         ]  # fmt: skip
-        block_frozen = sum(
-            p.untyped_storage().nbytes() for p in blocks[0].parameters() if not p.requires_grad
-        )
+        # One block of each list: its frozen bytes (what a swap moves), its frozen linear weights (what
+        # nf4/int8 re-price) and the list's length (HunyuanVideo: dual-stream blocks are larger than single).
+        per_block = {}
+        for name in family.block_lists:
+            blocks = blocks_of(transformer, name)
+            per_block[f"block.frozen.{name}"] = sum(
+                p.untyped_storage().nbytes() for p in blocks[0].parameters() if not p.requires_grad
+            )
+            per_block[f"block.linear_params.{name}"] = sum(
+                m.weight.numel() for m in blocks[0].modules()
+                if type(m) is torch.nn.Linear and not m.weight.requires_grad
+            )  # fmt: skip
+            per_block[f"block.count.{name}"] = len(blocks)
 
         tracker = LiveBytes()
         with tracker:
@@ -225,7 +256,7 @@ def _trace_raw(recipe: Recipe, transformer_config: dict, latent: tuple[int, ...]
         **{f"at_peak.{k}": v for k, v in at_peak.items()},
         "host_peak": tracker.host_peak,
         "weights_full": weights_full,
-        "block_frozen": block_frozen,
+        **per_block,
         "linear_params": sum(w.numel() for w in block_linears),
         "loaded": loaded,
     }

@@ -14,6 +14,7 @@ code: there the swap copies are no-ops and the offloaded activations are copied 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass, field
 
@@ -131,6 +132,8 @@ def split_block_recompute(blocks: torch.nn.ModuleList, ffn_chunks: int) -> None:
 class BlockSwapper:
     """Keeps the frozen weights of some blocks in pinned host memory and brings them to the GPU just in time.
 
+    `blocks` are every block of the model in execution order, across its block lists (HunyuanVideo: the 20
+    dual-stream blocks, then the 40 single-stream ones), so prefetching crosses from one list to the next.
     A block's forward pre-hook installs its GPU copy (waiting for a copy that was started on a side stream
     while the previous block computed) and starts copying the next block to be used (the next one in forward,
     the previous one during backward, when checkpointed blocks are recomputed in reverse order). Its forward
@@ -141,16 +144,19 @@ class BlockSwapper:
     On the CPU the same hooks run and the "copies" are the host tensors themselves.
     """
 
-    def __init__(self, blocks: torch.nn.ModuleList, swapped: list[int], device: torch.device):
-        self.blocks, self.device, self.swapped = blocks, device, set(swapped)
+    def __init__(self, blocks: list[torch.nn.Module], swapped: list[int], device: torch.device):
+        self.blocks, self.device, self.swapped = list(blocks), device, set(swapped)
         self.use_streams = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.use_streams else None
         self.host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # block -> [(param, host tensor)]
         self.in_flight: dict[int, tuple[list[torch.Tensor], object]] = {}
         self.onloads = 0  # how many times a block was brought in (tests read it)
+        # The latest onloads as (block index, whether its copy was already in flight): tests check the order
+        # and the prefetching with it. Bounded: two passes over every block (forward, backward recompute).
+        self.recent: collections.deque[tuple[int, bool]] = collections.deque(maxlen=2 * len(self.blocks))
         self.handles = []
         for i in sorted(self.swapped):
-            block = blocks[i]
+            block = self.blocks[i]
             pairs = []
             for tensor in list(block.parameters()) + list(block.buffers()):
                 if tensor.requires_grad:  # LoRA: stays on the GPU, its grads and optimizer state with it
@@ -163,7 +169,9 @@ class BlockSwapper:
                 pairs.append((tensor, host))
             self.host[i] = pairs
             self.handles.append(block.register_forward_hook(self._make_post_hook(i), always_call=True))
-        for i, block in enumerate(blocks):  # every block prefetches its successor, swapped ones also onload
+        for i, block in enumerate(
+            self.blocks
+        ):  # every block prefetches its successor, swapped ones also onload
             self.handles.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
 
     def _start_copy(self, i: int) -> None:
@@ -181,6 +189,7 @@ class BlockSwapper:
     def _make_pre_hook(self, i: int):
         def onload(module, args):
             if i in self.swapped:
+                self.recent.append((i, i in self.in_flight))
                 self._start_copy(i)  # no-op when it was prefetched
                 copies, done = self.in_flight.pop(i)
                 if done is not None:
@@ -191,9 +200,8 @@ class BlockSwapper:
                 for (param, _), copy in zip(self.host[i], copies, strict=True):
                     param.data = copy
                 self.onloads += 1
-            backward = (
-                torch._C._current_graph_task_id() != -1
-            )  # recomputation inside backward runs blocks 29..0
+            # recomputation inside backward runs the blocks in reverse (HunyuanVideo: single 39..0, dual 19..0)
+            backward = torch._C._current_graph_task_id() != -1
             self._start_copy(i - 1 if backward else i + 1)
 
         return onload
@@ -354,7 +362,8 @@ def estimate_before_training(recipe: Recipe, device: torch.device) -> Recipe:
 
     free, total = (b / 2**30 for b in torch.cuda.mem_get_info(device))
     try:
-        blocks = model_configs(recipe)[1].get("num_layers", 0)
+        tcfg = model_configs(recipe)[1]  # every block list (HunyuanVideo: dual- + single-stream blocks)
+        blocks = tcfg.get("num_layers", 0) + tcfg.get("num_single_layers", 0)
         needed, host = estimate_training(recipe)
     except UserError as exc:
         warn(f"no memory estimate for this model ({exc})")
@@ -389,11 +398,38 @@ def estimate_before_training(recipe: Recipe, device: torch.device) -> Recipe:
 # --- the plan -----------------------------------------------------------------------------------------------
 
 
+def _place_except(module: torch.nn.Module, swapped: set[int], device: torch.device) -> None:
+    """Moves every parameter and buffer under `module` to `device`, except those of the swapped blocks (by
+    id): whole subtrees without a swapped block move at once, the others are walked down to the blocks."""
+    if id(module) in swapped:
+        return
+    if not any(id(m) in swapped for m in module.modules()):
+        module.to(device)
+        return
+    for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        tensor.data = tensor.data.to(device)
+    for child in module.children():
+        _place_except(child, swapped, device)
+
+
+def _per_list(transformer: torch.nn.Module, block_lists: tuple[str, ...], n: int) -> str:
+    """For a model with several block lists, how many of the last `n` blocks each list gives (last list first)."""
+    if len(block_lists) == 1:
+        return ""
+    parts = []
+    for name in reversed(block_lists):
+        take = min(n, len(blocks_of(transformer, name)))
+        if take:
+            parts.append(f"{take} of {name}")
+        n -= take
+    return f" ({', '.join(parts)})"
+
+
 @dataclass
 class MemoryPlan:
     recipe: Recipe
     device: torch.device
-    blocks_attr: str
+    block_lists: tuple[str, ...]  # the transformer's block lists in execution order (family.block_lists)
     compute_dtype: torch.dtype
     swapper: BlockSwapper | None = None
     hooks: list = field(default_factory=list)
@@ -408,23 +444,20 @@ class MemoryPlan:
             for module in transformer.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):
                     module.cast_input_dtype_enabled = False
-        blocks = blocks_of(transformer, self.blocks_attr)
         if mem.blocks_to_swap:
+            blocks = [block for name in self.block_lists for block in blocks_of(transformer, name)]
             if mem.blocks_to_swap > len(blocks):
+                lists = " + ".join(f"{len(blocks_of(transformer, n))} {n}" for n in self.block_lists)
+                counts = f" ({lists})" if len(self.block_lists) > 1 else ""
                 raise UserError(
-                    f"memory.blocks_to_swap={mem.blocks_to_swap}: this model has only {len(blocks)} blocks"
+                    f"memory.blocks_to_swap={mem.blocks_to_swap}: this model has only {len(blocks)} blocks{counts}"
                 )
-            swapped = list(range(len(blocks) - mem.blocks_to_swap, len(blocks)))  # the last N blocks
-            resident = [m for i, m in enumerate(blocks) if i not in swapped]
-            for child in transformer.children():
-                if child is not blocks:
-                    child.to(self.device)
-            for block in resident:
-                block.to(self.device)
-            for _, buffer in transformer.named_buffers(recurse=False):
-                buffer.data = buffer.data.to(self.device)
+            # The last N blocks in execution order (HunyuanVideo: single-stream ones first, then dual-stream).
+            swapped = list(range(len(blocks) - mem.blocks_to_swap, len(blocks)))
+            _place_except(transformer, {id(blocks[i]) for i in swapped}, self.device)
             self.swapper = BlockSwapper(blocks, swapped, self.device)
-            say(f"memory: {len(swapped)} of {len(blocks)} blocks swapped from host memory")
+            per_list = _per_list(transformer, self.block_lists, len(swapped))
+            say(f"memory: {len(swapped)} of {len(blocks)} blocks swapped from host memory{per_list}")
         else:
             transformer.to(self.device)
         if mem.activation_offload:
@@ -438,8 +471,8 @@ def apply_memory_plan(
     """Before the LoRA: base dtype (fp8 / nf4 / int8), gradient checkpointing, attention backend."""
     recipe = estimate_before_training(recipe, device)
     mem = recipe.memory
-    blocks_attr = family.blocks_attr if family is not None else "blocks"
-    blocks = blocks_of(transformer, blocks_attr)
+    block_lists = family.block_lists if family is not None else ("blocks",)
+    blocks = blocks_of(transformer, block_lists[0])
     if mem.blocks_to_swap and not recipe.train.gradient_checkpointing:
         # Without checkpointing autograd keeps every block's weights for backward, so nothing would be freed.
         raise UserError("memory.blocks_to_swap needs train.gradient_checkpointing=true")
@@ -460,4 +493,4 @@ def apply_memory_plan(
         except ImportError:
             raise UserError("memory.attention=xformers: xformers is not installed (or use sdpa)") from None
         transformer.set_attention_backend("xformers")
-    return MemoryPlan(recipe, device, blocks_attr, compute)
+    return MemoryPlan(recipe, device, block_lists, compute)

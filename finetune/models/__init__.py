@@ -85,7 +85,7 @@ class Family:
     condition: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
     condition_share: float = 0.0
     # Further block lists after `blocks_attr` whose linears LoRA targets too (HunyuanVideo: its single-stream
-    # blocks after the dual-stream ones). Checkpointing and block swap work on `blocks_attr` only.
+    # blocks after the dual-stream ones). Block swap covers every list, in this order.
     more_blocks: tuple[str, ...] = ()
     # The pipeline call's text arguments for cached prompt tensors (collated dicts `text`, `text_*`, on the
     # device), for the prompt and the negative prompt; None: `prompt_embeds` / `negative_prompt_embeds` only.
