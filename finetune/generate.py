@@ -96,20 +96,15 @@ def place_pipeline(pipe, device: torch.device, offload: str):
     if offload not in OFFLOAD_CHOICES:
         raise UserError(f"--offload: '{offload}' is not one of {', '.join(OFFLOAD_CHOICES)}")
     from accelerate.hooks import remove_hook_from_module
-    from accelerate.utils import send_to_device
+
+    from finetune.memory import run_on_cpu
 
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     for name, module in modules.items():
         if name.startswith("text_encoder"):
-            remove_hook_from_module(module, recurse=True)
-            module.to("cpu")
-            # Inputs come to the CPU, outputs go back to where the pipeline computes.
-            module.register_forward_pre_hook(
-                lambda _, args, kwargs: (send_to_device(args, "cpu"), send_to_device(kwargs, "cpu")),
-                with_kwargs=True,
-            )
-            module.register_forward_hook(lambda _, __, output: send_to_device(output, device))
+            remove_hook_from_module(module, recurse=True)  # model offload's hook would bring it to the GPU
+            run_on_cpu(module, device)
         elif offload == "blocks" and name.startswith("transformer"):
             module.enable_group_offload(
                 onload_device=device, offload_type="block_level", num_blocks_per_group=1,

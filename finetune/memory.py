@@ -252,8 +252,6 @@ def load_encoders_for_plan(family, source, device: torch.device, dtype: torch.dt
     time on the way to the GPU (umT5-XXL ~12.5 -> ~6.5 GB); cpu: the text encoder stays in host memory and
     runs there (slow: seconds per caption for umT5-XXL, but 0 GB of GPU), its inputs and outputs moved for it.
     vae_tiling: the VAE encodes in overlapping spatial tiles, so its peak no longer grows with the frame size."""
-    from torch.utils._pytree import tree_map
-
     if memory is None or memory.text_encoder == "gpu":
         encoders = family.load_encoders(source, device, dtype)
     else:
@@ -268,17 +266,7 @@ def load_encoders_for_plan(family, source, device: torch.device, dtype: torch.dt
             text_encoder.to(device)
             say(f"memory: text encoder in int8 ({layers} linears)")
         else:
-            here = torch.device("cpu")
-
-            def inputs_to_cpu(module, args, kwargs):
-                move = lambda t: t.to(here) if isinstance(t, torch.Tensor) else t  # noqa: E731
-                return tree_map(move, args), tree_map(move, kwargs)
-
-            def outputs_back(module, args, kwargs, output):
-                return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, output)
-
-            text_encoder.register_forward_pre_hook(inputs_to_cpu, with_kwargs=True)
-            text_encoder.register_forward_hook(outputs_back, with_kwargs=True)
+            run_on_cpu(text_encoder, device)
             say("memory: text encoder on the CPU")
         encoders.vae.to(device)
         encoders.device = device
@@ -286,6 +274,18 @@ def load_encoders_for_plan(family, source, device: torch.device, dtype: torch.dt
     if memory is not None and memory.vae_tiling:
         encoders.vae.enable_tiling()
     return encoders
+
+
+def run_on_cpu(module: torch.nn.Module, device: torch.device) -> None:
+    """Keeps `module` in host memory and runs it there: its inputs are moved to the CPU and its outputs back to
+    `device`, so a caller on the GPU never notices (a text encoder: 0 GB of GPU, seconds per caption)."""
+    from accelerate.utils import send_to_device
+
+    module.to("cpu")
+    module.register_forward_pre_hook(
+        lambda _, args, kwargs: (send_to_device(args, "cpu"), send_to_device(kwargs, "cpu")), with_kwargs=True
+    )
+    module.register_forward_hook(lambda _, __, output: send_to_device(output, device))
 
 
 def drop_decoder(vae: torch.nn.Module) -> None:

@@ -39,16 +39,21 @@ def fake_extras(family, config: dict, latent: tuple[int, ...], text_len: int) ->
     return {k: torch.randn(latent, dtype=torch.bfloat16) if v is None else v for k, v in extras.items()}
 
 
+def _shipped(family, recipe: Recipe):
+    """The family's shipped model that model.path / model.base names, or None."""
+    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
+    return next((m for m in family.shipped if any(fragment in name for fragment in m.names)), None)
+
+
 def family_of(recipe: Recipe):
     """model.family, else the family whose shipped models match the name, else the local folder's pipeline."""
     from finetune.models import _registry, family_for, get_family, resolve_source
 
-    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
     families = [get_family(recipe.model.family)] if recipe.model.family else list(_registry().values())
     for family in families:
         # Variants first: "wan2.1-i2v-14b" is Wan's I2V variant, not the T2V 14B the family's own entries match.
         for candidate in (*(family.variants() if family.variants else ()), family):
-            if any(fragment in name for m in candidate.shipped for fragment in m.names):
+            if _shipped(candidate, recipe):
                 return candidate
     if recipe.model.family and not Path(recipe.model.base or recipe.model.path).expanduser().is_dir():
         return families[0]
@@ -60,8 +65,7 @@ def model_configs(recipe: Recipe) -> Configs:
     shipped configs of the hub model it names (finetune/models/configs; nothing is downloaded)."""
     family = family_of(recipe)
     folder = Path(recipe.model.base or recipe.model.path).expanduser()
-    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
-    shipped = next((m for m in family.shipped if any(f in name for f in m.names)), None)
+    shipped = _shipped(family, recipe)
     local = folder / "transformer" / "config.json"
     if not local.is_file() and shipped is None:
         known = ", ".join(m.label for m in family.shipped) or "none yet"
@@ -97,8 +101,7 @@ def model_extras(recipe: Recipe) -> Extras:
         image = folder / "image_encoder" / "config.json"
         experts = 2 if (folder / "transformer_2" / "config.json").is_file() else 1
         return Extras(_read(image) if image.is_file() else None, experts)
-    name = f"{recipe.model.path} {recipe.model.base or ''}".lower()
-    shipped = next(m for m in family.shipped if any(f in name for f in m.names))
+    shipped = _shipped(family, recipe)  # model_configs has already refused a model it does not know
     return Extras(_read(CONFIGS / shipped.image_encoder) if shipped.image_encoder else None, shipped.experts)
 
 

@@ -37,7 +37,7 @@ from finetune.checkpoint import (
     write_checkpoint,
 )
 from finetune.config import Recipe, save_recipe
-from finetune.data.batches import CachedItems, collate
+from finetune.data.batches import CachedItems, collate, extras_of
 from finetune.ema import EMA_NAME, LoraEMA
 from finetune.errors import UserError
 from finetune.guards import StopOnSignal, bad_steps_message, gradient_norm, out_of_memory_message
@@ -277,10 +277,9 @@ def train_expert(recipe: Recipe, expert: experts.Expert) -> Path:
                     batch = next(batch_iter)
                     x0 = batch["latents"].to(device, dtype)
                     text = batch["text"].to(device, dtype)
-                    # What else the family cached per clip or caption (conditioning, pooled text), if anything.
-                    extras = {
-                        k: v.to(device, dtype) for k, v in batch.items() if k not in ("latents", "text")
-                    }
+                    extras = extras_of(
+                        batch, device, dtype
+                    )  # conditioning, pooled text: what else was cached
                     noise_rng = batch_generator(t.seed, index, device)
                     noise = torch.randn(x0.shape, generator=noise_rng, device=device, dtype=dtype)
                     # Gradients are averaged across processes only on the last micro-batch.

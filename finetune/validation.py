@@ -18,7 +18,7 @@ import torch
 
 from finetune import flow, objectives
 from finetune.config import Recipe
-from finetune.data.batches import collate, text_tensors
+from finetune.data.batches import collate, extras_of, text_tensors
 from finetune.errors import UserError
 from finetune.models import Family, Source
 from finetune.ui import say
@@ -55,9 +55,7 @@ def fixed_noise_loss(
         batch = collate([load_file(str(path))], text_length)
         x0 = batch["latents"].to(param.device, param.dtype)
         text = batch["text"].to(param.device, param.dtype)
-        extras = {
-            k: v.to(param.device, param.dtype) for k, v in batch.items() if k not in ("latents", "text")
-        }
+        extras = extras_of(batch, param.device, param.dtype)
         for sigma in sigmas:
             s = torch.tensor([sigma])
             noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)

@@ -22,19 +22,10 @@ def _t5(tokenizer, d_model: int):
     )
 
 
-def build_tiny_ltx(folder: Path, seed: int = 0, layers: int = 2) -> Path:
-    """LTX-Video 0.9.x layout: T5 text encoder, 128-channel-style VAE (here 8 channels), patch 1x1x1."""
-    from diffusers import (
-        AutoencoderKLLTXVideo,
-        FlowMatchEulerDiscreteScheduler,
-        LTXPipeline,
-        LTXVideoTransformer3DModel,
-    )
+def tiny_ltx_transformer(layers: int = 2, text_dim: int = 24):
+    from diffusers import LTXVideoTransformer3DModel
 
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    text_dim = 24
-    transformer = LTXVideoTransformer3DModel(
+    return LTXVideoTransformer3DModel(
         in_channels=8,
         out_channels=8,
         patch_size=1,
@@ -45,6 +36,50 @@ def build_tiny_ltx(folder: Path, seed: int = 0, layers: int = 2) -> Path:
         num_layers=layers,
         caption_channels=text_dim,
     )
+
+
+def tiny_cogvideox_transformer(
+    layers: int = 2,
+    text_length: int = 16,
+    image_to_video: bool = False,
+    trained_size: int = 64,
+    text_dim: int = 24,
+):
+    """5B style (rotary embeddings); `image_to_video`: 2 x the latent channels in, learned positional embeddings
+    at its one trained size (see build_tiny_cogvideox)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,  # rotary splits it 1/4 time, 3/8 height, 3/8 width
+        in_channels=8 if image_to_video else 4,  # I2V: 4 noisy + 4 image latent channels
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=text_dim,
+        num_layers=layers,
+        sample_width=trained_size // 8,
+        sample_height=trained_size // 8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=text_length,
+        use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=image_to_video,
+    )
+
+
+def build_tiny_ltx(folder: Path, seed: int = 0, layers: int = 2) -> Path:
+    """LTX-Video 0.9.x layout: T5 text encoder, 128-channel-style VAE (here 8 channels), patch 1x1x1."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_dim = 24
+    transformer = tiny_ltx_transformer(layers, text_dim)
     # patch 4 x 2^3 spatial scalings = 32x space; 2^3 temporal = 8x time, as in LTX-Video 0.9.x.
     vae = AutoencoderKLLTXVideo(
         latent_channels=8,
@@ -86,28 +121,12 @@ def build_tiny_cogvideox(
     channels (noise + image latents, frame-major) and has learned positional embeddings at its one trained
     size, `trained_size` pixels square (as the real 5B-I2V at 720x480x49)."""
     import diffusers
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     text_dim = 24
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,  # rotary splits it 1/4 time, 3/8 height, 3/8 width
-        in_channels=8 if image_to_video else 4,  # I2V: 4 noisy + 4 image latent channels
-        out_channels=4,
-        time_embed_dim=8,
-        text_embed_dim=text_dim,
-        num_layers=layers,
-        sample_width=trained_size // 8,
-        sample_height=trained_size // 8,
-        sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=text_length,
-        use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=image_to_video,
-    )
+    transformer = tiny_cogvideox_transformer(layers, text_length, image_to_video, trained_size, text_dim)
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4,

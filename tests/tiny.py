@@ -85,3 +85,20 @@ def transformer_output(transformer, seed: int = 0) -> torch.Tensor:
 def rel(a, b) -> float:
     """Relative difference ||a - b|| / ||b||."""
     return float((a - b).norm() / b.norm())
+
+
+def planned(transformer, recipe, family, device):
+    """`transformer` through the training path's order: memory plan, LoRA (B made non-zero so LoRA gradients
+    flow everywhere), finish -> (plan, trainable params, optimizer)."""
+    from finetune.lora import add_lora, target_modules
+    from finetune.memory import apply_memory_plan
+
+    plan = apply_memory_plan(transformer, recipe, device, family)
+    add_lora(transformer, recipe.lora, target_modules(family, transformer, recipe.lora.targets))
+    torch.manual_seed(1)
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    transformer.train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    return plan, params, plan.finish(transformer, params)

@@ -98,6 +98,12 @@ def bucket_batches(files: list[Path], batch_size: int, seed: int) -> Iterator[li
         epoch += 1
 
 
+def extras_of(batch: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
+    """What else a batch holds besides latents and text (conditioning, pooled text), on `device` in `dtype`:
+    the `extras` argument of a family's predict."""
+    return {k: v.to(device, dtype) for k, v in batch.items() if k not in ("latents", "text")}
+
+
 def collate(items: list[dict[str, torch.Tensor]], text_length: int) -> dict[str, torch.Tensor]:
     """Zero-pads each caption's embeddings to `text_length` tokens, as the pipeline does; stacks the rest
     (latents, and any other tensors the family cached: those have one shape per bucket)."""

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from finetune.errors import UserError
 from finetune.formats import Adapter, LoraLayer, comfy_state_dict, convert, read_adapter, write_diffusers
+from tests.family_tiny import tiny_cogvideox_transformer, tiny_ltx_transformer
 
 LTX_LAYERS, COG_LAYERS = 2, 2
 
@@ -106,19 +107,7 @@ def cog_comfy_weights(layers: int, config: dict) -> dict[str, tuple[str, tuple[i
 
 @pytest.fixture(scope="module")
 def ltx_model():
-    from diffusers import LTXVideoTransformer3DModel
-
-    return LTXVideoTransformer3DModel(
-        in_channels=8,
-        out_channels=8,
-        patch_size=1,
-        patch_size_t=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        cross_attention_dim=16,
-        num_layers=LTX_LAYERS,
-        caption_channels=24,
-    )  # tests/family_tiny.py's tiny LTX transformer
+    return tiny_ltx_transformer(LTX_LAYERS)
 
 
 COG_CONFIG = {"dim": 32, "time": 8, "text": 24, "p": 2, "out": 4}
@@ -126,24 +115,7 @@ COG_CONFIG = {"dim": 32, "time": 8, "text": 24, "p": 2, "out": 4}
 
 @pytest.fixture(scope="module")
 def cog_model():
-    from diffusers import CogVideoXTransformer3DModel
-
-    return CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=8,
-        text_embed_dim=24,
-        num_layers=COG_LAYERS,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=16,
-        use_rotary_positional_embeddings=True,
-    )  # tests/family_tiny.py's tiny CogVideoX transformer
+    return tiny_cogvideox_transformer(COG_LAYERS)
 
 
 def linears(model) -> dict[str, tuple[int, int]]:

@@ -9,9 +9,9 @@ import torch
 
 from finetune.config import build_recipe
 from finetune.errors import UserError
-from finetune.lora import add_lora, target_modules
-from finetune.memory import BlockSwapper, apply_memory_plan, make_optimizer
+from finetune.memory import BlockSwapper, make_optimizer
 from finetune.models import get_family
+from tests.tiny import planned
 
 CONFIG = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
@@ -29,19 +29,9 @@ def build(r):
     """The training path's order: plan, LoRA (B made non-zero so LoRA grads flow everywhere), finish."""
     from diffusers import WanTransformer3DModel
 
-    family = get_family("wan")
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(**CONFIG)
-    plan = apply_memory_plan(transformer, r, CPU, family)
-    add_lora(transformer, r.lora, target_modules(family, transformer, r.lora.targets))
-    torch.manual_seed(1)
-    for name, p in transformer.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    transformer.train()
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = plan.finish(transformer, params)
-    return transformer, plan, params, optimizer
+    return transformer, *planned(transformer, r, get_family("wan"), CPU)
 
 
 def loss_and_grads(transformer, params):

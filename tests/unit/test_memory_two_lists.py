@@ -10,10 +10,9 @@ import torch
 from finetune.config import build_recipe
 from finetune.errors import UserError
 from finetune.estimate import trace_training
-from finetune.lora import add_lora, target_modules
-from finetune.memory import apply_memory_plan
 from finetune.models import get_family
 from finetune.tracing import keep_in_fp32
+from tests.tiny import planned
 
 # tests/hunyuan_tiny.py's transformer, with 2 dual-stream and 2 single-stream blocks: execution order
 # transformer_blocks.0, .1, single_transformer_blocks.0, .1 = flat indices 0..3.
@@ -34,19 +33,9 @@ def build(r, device=CPU):
     """The training path's order: plan, LoRA (B made non-zero so LoRA grads flow everywhere), finish."""
     from diffusers import HunyuanVideoTransformer3DModel
 
-    family = get_family("hunyuan")
     torch.manual_seed(0)
     transformer = HunyuanVideoTransformer3DModel(**CONFIG)
-    plan = apply_memory_plan(transformer, r, device, family)
-    add_lora(transformer, r.lora, target_modules(family, transformer, r.lora.targets))
-    torch.manual_seed(1)
-    for name, p in transformer.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    transformer.train()
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = plan.finish(transformer, params)
-    return transformer, plan, params, optimizer
+    return transformer, *planned(transformer, r, get_family("hunyuan"), device)
 
 
 def train_step(transformer, params, optimizer):
